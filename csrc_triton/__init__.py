@@ -1,0 +1,1 @@
+"""Triton kernels for powersample_fast (placeholder until the kernels land)."""

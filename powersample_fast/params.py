@@ -1,0 +1,110 @@
+"""Validation of sampling arguments, shared by PowerSampler and the naive baseline."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+from .errors import ConfigError
+
+INDEX_MODES = ("uniform", "last_block")
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    alpha: float = 4.0
+    max_new_tokens: int = 3072
+    block_size: int = 192
+    mcmc_steps: int = 10
+    proposal_temperature: Optional[float] = None  # None -> 1/alpha
+    top_k: Optional[int] = None
+    index: str = "uniform"
+    n: int = 1
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"alpha must be a finite number > 0 (got {self.alpha!r}); the paper uses 4.0")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"block_size must be an integer >= 1 (got {self.block_size!r}); the paper uses 192")
+        if not isinstance(self.mcmc_steps, int) or self.mcmc_steps < 0:
+            raise ConfigError(f"mcmc_steps must be an integer >= 0 (got {self.mcmc_steps!r})")
+        t = self.proposal_temperature
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ConfigError(f"proposal_temperature must be > 0 or None for 1/alpha (got {t!r})")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ConfigError(f"top_k must be an integer >= 1 or None to disable (got {self.top_k!r})")
+        if self.index not in INDEX_MODES:
+            raise ConfigError(f"unknown index mode {self.index!r}; choose one of {', '.join(INDEX_MODES)}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ConfigError(f"n (samples per prompt) must be an integer >= 1 (got {self.n!r})")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an int or None (got {self.seed!r})")
+
+    @property
+    def tau(self) -> float:
+        return float(self.proposal_temperature) if self.proposal_temperature is not None else 1.0 / self.alpha
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.max_new_tokens // self.block_size)
+
+    def stage_limit(self, k: int) -> int:
+        """L_k for stage k = 1..K."""
+        return min(k * self.block_size, self.max_new_tokens)
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """The call's base seed: ``seed`` itself, or a fresh random one when None."""
+    import random
+
+    return random.SystemRandom().getrandbits(63) if seed is None else int(seed)
+
+
+def chain_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
+    """32-bit seed of one chain: a pure function of (call seed, prompt, sample), so a chain's
+    output does not depend on which other chains share its batch."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{base_seed}:{prompt_index}:{sample_index}".encode(), digest_size=4)
+    return int.from_bytes(h.digest(), "little")
+
+
+def normalize_prompts(prompts, tokenizer, chat: bool = False) -> List[List[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> list of token-id lists (validated)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(x, int) for x in prompts):
+        prompts = [list(prompts)]
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ConfigError("prompts must be a string, a list of strings, or lists of token ids (got an empty input)")
+    out: List[List[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if p == "":
+                raise ConfigError(f"prompt {i} is empty; give at least one character or token")
+            if tokenizer is None:
+                raise ConfigError("a tokenizer is needed to encode text prompts; pass token ids instead")
+            if chat:
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+                )
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+                ids = list(ids)
+            else:
+                ids = tokenizer.encode(p, add_special_tokens=True) if tokenizer is not None else []
+            out.append([int(x) for x in ids])
+        elif isinstance(p, (list, tuple)) and all(isinstance(x, int) for x in p):
+            if len(p) == 0:
+                raise ConfigError(f"prompt {i} is an empty token list; give at least one token")
+            out.append([int(x) for x in p])
+        else:
+            raise ConfigError(f"prompt {i} must be a string or a list of token ids (got {type(p).__name__})")
+        if len(out[-1]) == 0:
+            raise ConfigError(f"prompt {i} encodes to zero tokens")
+    return out
