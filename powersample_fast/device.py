@@ -1,0 +1,39 @@
+"""The one device helper: library code never names a device literally."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def default_device() -> torch.device:
+    """CUDA (current device) when available, else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device) -> torch.dtype:
+    """bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        key = dtype.lower().replace("torch.", "")
+        if key not in _DTYPES:
+            raise ConfigError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+        return _DTYPES[key]
+    if dtype not in SUPPORTED_DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return dtype
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

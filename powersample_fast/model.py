@@ -1,0 +1,377 @@
+"""One minimal decoder-only Transformer for the Llama / Qwen2 / Phi-3 / Mistral families.
+
+Families differ only by `ModelConfig` flags (q/k/v bias, o bias, tied embeddings, RoPE scaling);
+weights are stored fused (`wqkv`, `w13`) and the loader fuses HF's separate projections.
+RoPE is HF's rotate-half form, so HF safetensors load without permutation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError, ModelLoadError
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Phi3ForCausalLM",
+    "MistralForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_params: dict = field(default_factory=dict)
+    partial_rotary_factor: float = 1.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    tie_embeddings: bool = False
+    eos_token_ids: Tuple[int, ...] = ()
+    bos_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads ({self.n_heads}) must be a multiple of num_key_value_heads ({self.n_kv_heads})"
+            )
+        if self.rope_type == "su":  # old name of longrope (early Phi-3 configs)
+            self.rope_type = "longrope"
+        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Build from an HF `config.json` dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+        archs = d.get("architectures") or []
+        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                       "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+            d.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {arch or d.get('model_type')!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        try:
+            dim = int(d["hidden_size"])
+            n_heads = int(d["num_attention_heads"])
+            rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+            theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+            rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ModelLoadError(
+                    f"unsupported RoPE scaling {rope_type!r}; supported: " + ", ".join(SUPPORTED_ROPE_TYPES)
+                )
+            if "original_max_position_embeddings" not in rope and "original_max_position_embeddings" in d:
+                rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+            eos = d.get("eos_token_id")
+            eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+            if d.get("mlp_bias"):
+                raise ModelLoadError("mlp_bias=true is not supported")
+            if d.get("use_sliding_window") and d.get("sliding_window"):
+                raise ModelLoadError("sliding-window attention is not supported (use_sliding_window=true)")
+            is_qwen = arch == "Qwen2ForCausalLM"
+            attn_bias = bool(d.get("attention_bias", False))
+            return cls(
+                arch=arch,
+                vocab_size=int(d["vocab_size"]),
+                dim=dim,
+                n_layers=int(d["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                intermediate_size=int(d["intermediate_size"]),
+                max_seq_len=int(d.get("max_position_embeddings", 2048)),
+                norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                head_dim=d.get("head_dim") or None,
+                rope_theta=float(theta),
+                rope_type=rope_type,
+                rope_params=rope,
+                partial_rotary_factor=float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
+                qkv_bias=is_qwen or attn_bias,
+                o_bias=attn_bias and not is_qwen,
+                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                eos_token_ids=tuple(int(e) for e in eos),
+                bos_token_id=d.get("bos_token_id"),
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json is missing the required key {e.args[0]!r}") from None
+
+
+def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> Tuple[torch.Tensor, float]:
+    """(inv_freq [rotary_dim/2] fp32, attention scaling) for the config's RoPE kind (as transformers)."""
+    dim = cfg.rotary_dim
+    base = cfg.rope_theta
+    p = cfg.rope_params
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scale = 1.0
+    if cfg.rope_type == "linear":
+        inv = inv / float(p["factor"])
+    elif cfg.rope_type == "llama3":
+        factor, lo, hi = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+        old = float(p["original_max_position_embeddings"])
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = 2 * math.pi / inv
+        inv_l = torch.where(wl > lo_wl, inv / factor, inv)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wl < hi_wl) * ~(wl > lo_wl)
+        inv = torch.where(medium, smoothed, inv_l)
+    elif cfg.rope_type == "longrope":
+        orig = p.get("original_max_position_embeddings")
+        if orig is None:
+            raise ModelLoadError("longrope scaling needs original_max_position_embeddings in config.json")
+        factor = p.get("factor") or cfg.max_seq_len / orig
+        scale = p.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        ext = torch.tensor(p["long_factor"] if long else p["short_factor"], dtype=torch.float32)
+        inv = 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return inv, float(scale)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # norm in fp32, cast back (as HF)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin, rotary_dim: int):
+    # x: [B, H, T, D]; cos/sin: [B, 1, T, rotary_dim]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, kv: Optional[torch.Tensor], write, mask):
+        # x: [B, T, dim]; kv: this layer's cache [2, rows, H_kv, S, D] or None (full causal forward)
+        cfg = self.cfg
+        B, T, _ = x.shape
+        hd = cfg.head_dim
+        q, k, v = self.wqkv(x).split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1)
+        q = q.view(B, T, cfg.n_heads, hd).transpose(1, 2)  # q: [B, H, T, D]
+        k = k.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)  # k: [B, H_kv, T, D]
+        v = v.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
+        q = apply_rope(q, cos, sin, cfg.rotary_dim)
+        k = apply_rope(k, cos, sin, cfg.rotary_dim)
+        if kv is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+        else:
+            rows, b_idx, p_idx, kv_len = write
+            kc, vc = kv[0, rows], kv[1, rows]  # [B, H_kv, S, D] views (rows is a slice)
+            kc[b_idx, :, p_idx] = k.transpose(1, 2).to(kc.dtype)  # [B, T, H_kv, D] into positions
+            vc[b_idx, :, p_idx] = v.transpose(1, 2).to(vc.dtype)
+            o = F.scaled_dot_product_attention(
+                q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask,
+                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
+            )
+        return self.wo(o.transpose(1, 2).reshape(B, T, cfg.n_heads * hd))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, kv, write, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv, write, mask)
+        g, u = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
+        return h + self.w2(F.silu(g) * u)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        inv, scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.attention_scaling = scale
+        if cfg.rope_type == "longrope":
+            self.register_buffer("inv_freq_long", rope_inv_freq(cfg, long=True)[0], persistent=False)
+            self.rope_switch = int(cfg.rope_params["original_max_position_embeddings"])
+        else:
+            self.inv_freq_long = None
+            self.rope_switch = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def init_rope_buffers(self, device):
+        """Recompute the (non-persistent) RoPE buffers on `device` (after a meta-device build)."""
+        self.inv_freq = rope_inv_freq(self.config)[0].to(device)
+        if self.inv_freq_long is not None:
+            self.inv_freq_long = rope_inv_freq(self.config, long=True)[0].to(device)
+
+    def _rope(self, pos: torch.Tensor, max_pos: int, dtype):
+        # pos: [B, T] int64 -> cos/sin [B, 1, T, rotary_dim]
+        inv = self.inv_freq
+        if self.rope_switch is not None and max_pos + 1 > self.rope_switch:
+            inv = self.inv_freq_long  # HF's longrope rule: long factors once the sequence passes the original length
+        freqs = pos[..., None].float() * inv.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None]
+        sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None]
+        return cos, sin
+
+    def _check_len(self, n: int):
+        if n > self.config.max_seq_len:
+            raise ConfigError(
+                f"sequence of {n} tokens is longer than the model's context ({self.config.max_seq_len} tokens); "
+                "shorten the prompt or lower max_new_tokens"
+            )
+
+    def _logits(self, h):
+        h = self.norm(h)
+        w = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, w)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward, positions 0..T-1. input_ids: [B, T] -> logits [B, T, V]."""
+        B, T = input_ids.shape
+        self._check_len(T)
+        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        x = self.tok_embeddings(input_ids)
+        cos, sin = self._rope(pos, T - 1, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, None, None)
+        return self._logits(x)
+
+    def forward_cached(
+        self,
+        tokens: torch.Tensor,
+        cache: "KVCache",
+        rows: Union[slice, int] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Prefill or decode with the KV cache. tokens: [B, T] appended at each row's current length
+        (per-row positions), cache rows `rows` (a slice of B rows, default the first B; an int r means
+        slice(r, r+1)). Returns logits [B, T, V] (or [B, 1, V] with last_only)."""
+        B, T = tokens.shape
+        if rows is None:
+            rows = slice(0, B)
+        elif isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        start = cache.host_lengths[rows]
+        if len(start) != B:
+            raise ConfigError(f"tokens has {B} rows but the cache slice {rows} has {len(start)}")
+        kv_len = max(start) + T
+        self._check_len(kv_len)
+        if kv_len > cache.max_len:
+            raise ConfigError(f"KV cache holds {cache.max_len} positions but {kv_len} are needed; allocate a larger cache")
+        dev = tokens.device
+        start_t = torch.tensor(start, dtype=torch.int64, device=dev)
+        pos = start_t[:, None] + torch.arange(T, device=dev)[None]  # pos: [B, T]
+        b_idx = torch.arange(B, device=dev)[:, None].expand(B, T)
+        # mask: [B, 1, T, kv_len], key j visible to query (b, i) iff j <= pos[b, i]
+        mask = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
+        x = self.tok_embeddings(tokens)
+        cos, sin = self._rope(pos, kv_len - 1, x.dtype)
+        write = (rows, b_idx, pos, kv_len)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.kv[i], write, mask)
+        cache.advance(rows, T)
+        if last_only:
+            x = x[:, -1:]
+        return self._logits(x)
+
+
+class KVCache:
+    """Preallocated K/V for `n_rows` rows of up to `max_len` positions; each row has its own length.
+
+    kv: [n_layers, 2, n_rows, n_kv_heads, max_len, head_dim]. Lengths live on the host
+    (`host_lengths`), since the sampler's control flow knows them without a device sync.
+    truncate is a length update; fork/copy_range copy positions of every layer in one op
+    (`ops.kv_copy_`: a Triton kernel on CUDA)."""
+
+    def __init__(self, cfg: ModelConfig, n_rows: int, max_len: int, device=None, dtype=torch.float32):
+        self.cfg = cfg
+        self.n_rows = n_rows
+        self.max_len = max_len
+        self.kv = torch.zeros(
+            cfg.n_layers, 2, n_rows, cfg.n_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype
+        )
+        self.host_lengths = [0] * n_rows
+
+    @property
+    def device(self):
+        return self.kv.device
+
+    def advance(self, rows: slice, n: int):
+        for r in range(*rows.indices(self.n_rows)):
+            self.host_lengths[r] += n
+
+    def truncate(self, row: int, length: int):
+        if not 0 <= length <= self.host_lengths[row]:
+            raise ConfigError(f"cannot truncate row {row} of length {self.host_lengths[row]} to {length}")
+        self.host_lengths[row] = length
+
+    def _copy(self, src: Sequence[int], dst: Sequence[int], start: Sequence[int], length: Sequence[int]):
+        from . import ops
+
+        t = lambda xs: torch.tensor(list(xs), dtype=torch.int64, device=self.kv.device)  # noqa: E731
+        ops.kv_copy_(self.kv, t(src), t(dst), t(start), t(length))
+
+    def fork(self, src: Sequence[int], dst: Sequence[int], length: Sequence[int]):
+        """Copy the first length[j] positions of row src[j] into row dst[j]; dst's length becomes length[j]."""
+        for s, d, n in zip(src, dst, length):
+            if not 0 <= n <= self.host_lengths[s]:
+                raise ConfigError(f"cannot fork {n} positions from row {s} of length {self.host_lengths[s]}")
+            if s == d:
+                raise ConfigError(f"fork source and destination are the same row ({s})")
+        self._copy(src, dst, [0] * len(src), length)
+        for d, n in zip(dst, length):
+            self.host_lengths[d] = n
+
+    def copy_range(self, src: Sequence[int], dst: Sequence[int], start: Sequence[int], length: Sequence[int]):
+        """Copy positions [start, start+length) of row src into row dst (lengths unchanged)."""
+        self._copy(src, dst, start, length)
