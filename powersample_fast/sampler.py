@@ -1,0 +1,352 @@
+"""Power sampling (Karan & Du, Algorithm 1) with exact Metropolis-Hastings, KV reuse and batched chains.
+
+Every chain owns one *slot*: a work row `b` of the KV cache (where it decodes) and a backup row
+`S + b`. All slots decode together, one position each per step, and advance independently: a slot
+whose extension or proposal ends runs its acceptance and starts its next proposal / block while the
+others keep decoding; a finished slot is refilled from the queue of remaining chains.
+
+KV invariant: the work row holds the current state's K/V for every position but the last token's
+(the last sampled token is fed lazily, only when something is decoded after it). A proposal at cut m
+backs up positions [P+m, P+t-1) into the backup row, truncates the work row to P+m-1 and re-feeds
+x_{m-1} (its K/V is rewritten with the same values), which yields the logits of position m. So
+every sampled token costs exactly one model position and no prefix is ever recomputed. Accept
+keeps the work row as is; reject copies the backed-up range back (one `kv_copy_` launch for all
+rejected slots of a step).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch.profiler import record_function
+
+from . import ops, reference
+from .errors import ConfigError, NonFiniteLogitsError
+from .model import KVCache, Transformer
+from .params import SamplingParams, chain_seed, normalize_prompts, resolve_seed
+from .types import SampleResult
+
+EXTEND, PROPOSE = 0, 1
+
+
+@dataclass
+class _Chain:
+    pi: int
+    si: int
+    prompt: List[int]
+    seed: int
+    rng: random.Random
+    k: int = 1  # stage
+    tokens: List[int] = field(default_factory=list)  # current state x (host mirror)
+    phase: int = EXTEND
+    work: List[int] = field(default_factory=list)  # tokens of the sequence being sampled
+    limit: int = 0  # L_k
+    cut: int = 0
+    steps_done: int = 0
+    accepted: int = 0
+    proposed: int = 0
+    sampled: int = 0
+    positions: int = 0  # model positions computed for this chain (prefill + decode)
+    prefilled: int = 0
+    t0: float = 0.0
+
+
+class PowerSampler:
+    """Sample from p(x)^alpha with Metropolis-Hastings over a `Transformer` (see `generate`).
+
+    model: a `Transformer` from `powersample_fast.load`, or a path / "default" to load one.
+    eos_token_ids: overrides the model's EOS ids (config + generation_config + tokenizer).
+    """
+
+    def __init__(self, model, tokenizer=None, *, eos_token_ids=None, max_batch: Optional[int] = None):
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from .loader import load
+
+            model, tok = load(model)
+            tokenizer = tokenizer if tokenizer is not None else tok
+        if not isinstance(model, Transformer):
+            raise ConfigError(
+                f"PowerSampler needs a powersample_fast Transformer (got {type(model).__name__}); "
+                "load one with powersample_fast.load(path), or use powersample_fast.paper for HF models"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        ids = eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids
+        self.eos = frozenset(int(e) for e in ids)
+        self.max_batch = max_batch
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def generate(self, prompts, *, alpha=4.0, max_new_tokens=3072, block_size=192, mcmc_steps=10,
+                 proposal_temperature=None, top_k=None, index="uniform", n=1, seed=None, chat=False,
+                 progress=True, max_batch=None) -> List[SampleResult]:
+        """Power-sample every prompt `n` times. Returns one `SampleResult` per (prompt, sample), in
+        order. Defaults follow the paper: alpha 4, proposal temperature 1/alpha, block 192, 10 MH
+        steps per block, budget 3072 new tokens. A lower proposal temperature raises acceptance but
+        mixes slowly across lengths (EOS); tau = 1 mixes fastest. With top_k, tokens outside the
+        top-k of a position can never be proposed."""
+        p = SamplingParams(alpha=alpha, max_new_tokens=max_new_tokens, block_size=block_size,
+                           mcmc_steps=mcmc_steps, proposal_temperature=proposal_temperature, top_k=top_k,
+                           index=index, n=n, seed=seed)
+        ids = normalize_prompts(prompts, self.tokenizer, chat=chat)
+        ctx = self.model.config.max_seq_len
+        for i, pr in enumerate(ids):
+            if len(pr) + p.max_new_tokens > ctx:
+                raise ConfigError(
+                    f"prompt {i} has {len(pr)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds the "
+                    f"model's context of {ctx} tokens; shorten the prompt or lower max_new_tokens"
+                )
+        base = resolve_seed(seed)
+        chains = [
+            _Chain(pi, si, pr, s, random.Random(s))
+            for pi, pr in enumerate(ids) for si in range(p.n)
+            for s in [chain_seed(base, pi, si)]
+        ]
+        mb = max_batch or self.max_batch or (64 if self.model.device.type == "cuda" else 8)
+        if not isinstance(mb, int) or mb < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1 (got {mb!r})")
+        return _Run(self, p, chains, min(mb, len(chains)), progress).run()
+
+
+class _Run:
+    """State of one `generate` call."""
+
+    def __init__(self, sampler: PowerSampler, p: SamplingParams, chains: List[_Chain], n_slots: int, progress):
+        self.s, self.p, self.model = sampler, p, sampler.model
+        self.queue = list(chains)
+        self.n_chains = len(chains)
+        self.S = S = n_slots
+        dev = self.model.device
+        self.dev = dev
+        T = p.max_new_tokens
+        max_prompt = max(len(c.prompt) for c in chains)
+        self.cache = KVCache(self.model.config, 2 * S, max_prompt + T, device=dev, dtype=self.model.dtype)
+        # device buffers: index 0 = current state, 1 = proposal; [2, S, T]
+        self.tok = torch.zeros(2, S, T, dtype=torch.int64, device=dev)
+        self.lp = torch.zeros(2, S, T, dtype=torch.float32, device=dev)
+        self.lq = torch.zeros(2, S, T, dtype=torch.float32, device=dev)
+        self.seeds = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.counters = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.slots: List[Optional[_Chain]] = [None] * S
+        self.feed = [0] * S  # token each slot feeds at its next decode step
+        self.inv_tau = 1.0 / p.tau
+        self.results: List[SampleResult] = []
+        self.times = {"prefill_s": 0.0, "decode_s": 0.0, "accept_s": 0.0, "kv_copy_s": 0.0}
+        self.progress = progress
+        self.bar = None
+
+    # -------------------------------------------------------------- chain lifecycle
+    def admit(self, b: int):
+        c = self.queue.pop(0)
+        c.t0 = time.perf_counter()
+        self.slots[b] = c
+        self.seeds[b] = c.seed
+        self.counters[b] = 0
+        P = len(c.prompt)
+        self.cache.host_lengths[b] = 0
+        t = time.perf_counter()
+        if P > 1:  # prefill all but the last prompt token; the last runs in the first decode step
+            with record_function("prefill"):
+                x = torch.tensor([c.prompt[:-1]], dtype=torch.int64, device=self.dev)
+                self.model.forward_cached(x, self.cache, rows=b, last_only=True)
+        self.times["prefill_s"] += time.perf_counter() - t
+        c.positions += P - 1
+        c.prefilled += P
+        self.start_extend(b, c)
+
+    def start_extend(self, b: int, c: _Chain):
+        c.phase, c.limit, c.steps_done = EXTEND, self.p.stage_limit(c.k), 0
+        c.work = list(c.tokens)
+        seq = c.prompt + c.tokens
+        self.feed[b] = seq[-1]  # fed at position P + t - 1 (the lazily unfed last token)
+
+    def start_proposal(self, b: int, c: _Chain, backups: list):
+        t = len(c.tokens)
+        lo = 0 if self.p.index == "uniform" else (c.k - 1) * self.p.block_size
+        m = lo + c.rng.randrange(t - lo)
+        P = len(c.prompt)
+        c.phase, c.cut, c.work = PROPOSE, m, c.tokens[:m]
+        c.proposed += 1
+        if t - 1 - m > 0:
+            backups.append((b, self.S + b, P + m, t - 1 - m))
+        self.cache.truncate(b, P + m - 1)
+        self.feed[b] = (c.prompt + c.tokens)[P + m - 1]
+
+    def finish(self, b: int, c: _Chain):
+        t = len(c.tokens)
+        lp = self.lp[0, b, :t].tolist()
+        lq = self.lq[0, b, :t].tolist()
+        tok = self.s.tokenizer
+        text = tok.decode(c.tokens, skip_special_tokens=True) if tok is not None else ""
+        self.results.append(SampleResult(
+            prompt_index=c.pi, sample_index=c.si, text=text, token_ids=list(c.tokens), logp=lp, logq=lq,
+            accepted=c.accepted, proposed=c.proposed,
+            finished_by_eos=bool(c.tokens) and c.tokens[-1] in self.s.eos,
+            stats={"tokens_sampled": c.sampled, "tokens_decoded": c.sampled, "tokens_prefilled": c.prefilled,
+                   "positions_computed": c.positions, "prompt_tokens": len(c.prompt),
+                   "wall_s": time.perf_counter() - c.t0},
+        ))
+        self.slots[b] = None
+        self.cache.host_lengths[b] = 0
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def stage_end(self, b: int, c: _Chain, backups: list):
+        """Called when the state of stage k is final (after its N MH steps)."""
+        if (c.tokens and c.tokens[-1] in self.s.eos) or c.k >= self.p.num_blocks:
+            self.finish(b, c)
+            return
+        c.k += 1
+        self.start_extend(b, c)
+
+    def after_state(self, b: int, c: _Chain, backups: list):
+        """The state just changed (extension ended, or an MH step was decided)."""
+        if c.steps_done < self.p.mcmc_steps:
+            self.start_proposal(b, c, backups)
+        else:
+            self.stage_end(b, c, backups)
+
+    # -------------------------------------------------------------------- main loop
+    def run(self) -> List[SampleResult]:
+        t_start = time.perf_counter()
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.n_chains, desc="power sampling", unit="chain", dynamic_ncols=True)
+        try:
+            for b in range(self.S):
+                if self.queue:
+                    self.admit(b)
+            n_steps, last_post = 0, time.perf_counter()
+            while any(c is not None for c in self.slots):
+                self.step()
+                n_steps += 1
+                if self.bar is not None and time.perf_counter() - last_post > 0.5:
+                    last_post = time.perf_counter()
+                    self.bar.set_postfix(self._postfix(t_start), refresh=False)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        wall = time.perf_counter() - t_start
+        self.results.sort(key=lambda r: (r.prompt_index, r.sample_index))
+        sampled = sum(r.stats["tokens_sampled"] for r in self.results)
+        acc = sum(r.accepted for r in self.results)
+        prop = sum(r.proposed for r in self.results)
+        self.s.last_stats = dict(
+            self.times, wall_s=wall, decode_steps=n_steps, chains=self.n_chains, batch_slots=self.S,
+            tokens_sampled=sampled, tokens_prefilled=sum(r.stats["tokens_prefilled"] for r in self.results),
+            positions_computed=sum(r.stats["positions_computed"] for r in self.results),
+            tokens_per_s=sampled / wall if wall > 0 else float("nan"),
+            accepted=acc, proposed=prop, acceptance_rate=acc / prop if prop else float("nan"),
+        )
+        return self.results
+
+    def _postfix(self, t_start):
+        active = [c for c in self.slots if c is not None]
+        acc = sum(c.accepted for c in active) + sum(r.accepted for r in self.results)
+        prop = sum(c.proposed for c in active) + sum(r.proposed for r in self.results)
+        tok = sum(c.sampled for c in active) + sum(r.stats["tokens_sampled"] for r in self.results)
+        return {"block": max((c.k for c in active), default=0), "acc": f"{acc / prop:.2f}" if prop else "-",
+                "tok/s": f"{tok / (time.perf_counter() - t_start):.0f}"}
+
+    def step(self):
+        S, p = self.S, self.p
+        active = [b for b in range(S) if self.slots[b] is not None]
+        B = active[-1] + 1
+        for b in range(B):
+            if self.slots[b] is None:  # idle slot inside the batch: feed a dummy token at position 0
+                self.cache.host_lengths[b] = 0
+                self.feed[b] = 0
+        t = time.perf_counter()
+        with record_function("decode"):
+            x = torch.tensor(self.feed[:B], dtype=torch.int64, device=self.dev)[:, None]
+            logits = self.model.forward_cached(x, self.cache, rows=slice(0, B))[:, 0]  # [B, V]
+        with record_function("sample"):
+            keys = reference.row_key(self.seeds[:B], self.counters[:B])
+            self.counters[:B] += 1
+            thr = ops.topk_threshold(logits, p.top_k)
+            tok, lp, lq = ops.sample_logprobs(logits, keys, self.inv_tau, thr)
+            # write into the working buffer of each slot: (phase, slot, position)
+            ph = [0] * B
+            pos = [0] * B
+            for b in active:
+                c = self.slots[b]
+                ph[b], pos[b] = c.phase, len(c.work)
+            idx = (torch.tensor(ph, device=self.dev), torch.arange(B, device=self.dev),
+                   torch.tensor(pos, device=self.dev))
+            self.tok.index_put_(idx, tok)
+            self.lp.index_put_(idx, lp)
+            self.lq.index_put_(idx, lq)
+            ok = torch.isfinite(lp) & torch.isfinite(lq)
+            host = torch.where(ok, tok, -1).tolist()  # the one host sync per step
+        self.times["decode_s"] += time.perf_counter() - t
+
+        ended_prop, backups = [], []
+        for b in active:
+            c = self.slots[b]
+            token = host[b]
+            if token < 0:
+                raise NonFiniteLogitsError(
+                    f"non-finite logits (NaN/Inf) while sampling chain (prompt {c.pi}, sample {c.si}) at "
+                    f"generated position {len(c.work)}; check the model weights and dtype (float16 overflow?)"
+                )
+            c.work.append(token)
+            c.sampled += 1
+            c.positions += 1
+            if token in self.s.eos or len(c.work) >= c.limit:
+                if c.phase == EXTEND:
+                    c.tokens = c.work
+                    self.after_state(b, c, backups)
+                else:
+                    ended_prop.append(b)
+            else:
+                self.feed[b] = token
+        if ended_prop:
+            self.accept(ended_prop, backups)
+        if backups:
+            t = time.perf_counter()
+            with record_function("fork"):
+                self.cache.copy_range(*zip(*backups))
+            self.times["kv_copy_s"] += time.perf_counter() - t
+        for b in range(S):  # refill finished slots from the queue
+            if self.slots[b] is None and self.queue:
+                self.admit(b)
+
+    def accept(self, rows: List[int], backups: list):
+        t0 = time.perf_counter()
+        p, dev = self.p, self.dev
+        cs = [self.slots[b] for b in rows]
+        cur_h, prop_h = [0] * self.S, [0] * self.S
+        for b, c in zip(rows, cs):
+            cur_h[b], prop_h[b] = len(c.tokens), len(c.work)
+        base = [0 if p.index == "uniform" else (c.k - 1) * p.block_size for c in cs]
+        log_u = [math.log(1.0 - c.rng.random()) for c in cs]  # u in (0, 1]
+        t = lambda xs, dt=torch.int64: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731
+        with record_function("accept"):
+            acc, _ = ops.mh_accept_(self.tok[0], self.lp[0], self.lq[0], t(cur_h),
+                                    self.tok[1], self.lp[1], self.lq[1], t(prop_h),
+                                    t(rows), t([c.cut for c in cs]), t(base), t(log_u, torch.float32), p.alpha)
+            acc = acc.tolist()
+        restores = []
+        for b, c, a in zip(rows, cs, acc):
+            P, tlen = len(c.prompt), len(c.tokens)
+            if a:
+                c.accepted += 1
+                c.tokens = c.work
+            elif tlen - 1 - c.cut > 0:
+                restores.append((self.S + b, b, P + c.cut, tlen - 1 - c.cut))
+            self.cache.host_lengths[b] = P + len(c.tokens) - 1
+            c.steps_done += 1
+        self.times["accept_s"] += time.perf_counter() - t0
+        if restores:
+            t1 = time.perf_counter()
+            with record_function("fork"):
+                self.cache.copy_range(*zip(*restores))
+            self.times["kv_copy_s"] += time.perf_counter() - t1
+        for b, c in zip(rows, cs):
+            self.after_state(b, c, backups)
