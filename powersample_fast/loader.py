@@ -125,13 +125,17 @@ def _map_name(hf_name: str):
     return None, None
 
 
-def load_state_dict(path: Path, cfg: ModelConfig, dtype: torch.dtype, device) -> Dict[str, torch.Tensor]:
+def load_state_dict(path, cfg: ModelConfig, dtype: torch.dtype, device, tensors=None) -> Dict[str, torch.Tensor]:
+    """Map HF-named tensors (from the safetensors in `path`, or the `tensors` iterable of
+    (name, tensor)) to our fused names, validating names and shapes against `cfg`."""
     expected = _expected_shapes(cfg)
     parts: Dict[str, Dict[int, torch.Tensor]] = {}
     n_parts = {}
     out: Dict[str, torch.Tensor] = {}
     unexpected = []
-    for name, t in _iter_tensors(_safetensor_files(path)):
+    if tensors is None:
+        tensors = _iter_tensors(_safetensor_files(path))
+    for name, t in tensors:
         if _IGNORED.match(name):
             continue
         ours, part = _map_name(name)
@@ -171,6 +175,35 @@ def load_state_dict(path: Path, cfg: ModelConfig, dtype: torch.dtype, device) ->
     return out
 
 
+def _build(cfg: ModelConfig, sd: Dict[str, torch.Tensor], device) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.init_rope_buffers(device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def from_hf_model(hf_model, device=None, dtype=None) -> Transformer:
+    """Our `Transformer` sharing nothing but values with an in-memory transformers causal LM
+    (weights are copied once, fused, to `device`/`dtype`; defaults: the HF model's)."""
+    p0 = next(hf_model.parameters())
+    device = torch.device(device) if device is not None else p0.device
+    dtype = resolve_dtype(dtype) if dtype is not None else p0.dtype
+    d = hf_model.config.to_dict()
+    if not d.get("architectures"):
+        d["architectures"] = [type(hf_model).__name__]
+    cfg = ModelConfig.from_hf(d)
+    gen = getattr(hf_model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is not None:
+        extra = eos if isinstance(eos, (list, tuple)) else [eos]
+        cfg.eos_token_ids = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
+    items = ((k, v.detach()) for k, v in hf_model.state_dict().items())
+    sd = load_state_dict(f"<{type(hf_model).__name__} in memory>", cfg, dtype, device, tensors=items)
+    return _build(cfg, sd, device)
+
+
 def load_model(path: Union[str, os.PathLike], device=None, dtype=None) -> Transformer:
     path = Path(path)
     if not path.exists():
@@ -189,13 +222,7 @@ def load_model(path: Union[str, os.PathLike], device=None, dtype=None) -> Transf
         if eos is not None:
             extra = eos if isinstance(eos, list) else [eos]
             cfg.eos_token_ids = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
-    sd = load_state_dict(path, cfg, dtype, device)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.init_rope_buffers(device)
-    model.eval().requires_grad_(False)
-    return model
+    return _build(cfg, load_state_dict(path, cfg, dtype, device), device)
 
 
 def load_tokenizer(path: Union[str, os.PathLike]):

@@ -107,7 +107,8 @@ class PowerSampler:
             for pi, pr in enumerate(ids) for si in range(p.n)
             for s in [chain_seed(base, pi, si)]
         ]
-        mb = max_batch or self.max_batch or (64 if self.model.device.type == "cuda" else 8)
+        mb = next((x for x in (max_batch, self.max_batch) if x is not None),
+                  64 if self.model.device.type == "cuda" else 8)
         if not isinstance(mb, int) or mb < 1:
             raise ConfigError(f"max_batch must be an integer >= 1 (got {mb!r})")
         return _Run(self, p, chains, min(mb, len(chains)), progress).run()

@@ -1,0 +1,64 @@
+"""Drop-in replacement for the reference code's `mcmc_power_samp` (Karan & Du, power_samp_utils.py).
+
+    # before: from power_samp_utils import mcmc_power_samp
+    from powersample_fast.paper import mcmc_power_samp
+
+`p` carries `.model` (a transformers causal LM of a supported family, or our `Transformer`) and
+`.tokenizer`. The call runs on this engine (KV reuse, exact MH per ALGORITHM.md) with the same
+weights; the HF model is converted once and cached. Differences from the reference, on purpose:
+proposals may grow past the current length after an early EOS, the full suffixes and the index term
+enter the acceptance ratio, and HF's default top_k=50 is not applied (see ALGORITHM.md).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import List, Tuple
+
+from .errors import ConfigError
+from .model import Transformer
+
+_converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _engine_model(model) -> Transformer:
+    if isinstance(model, Transformer):
+        return model
+    try:
+        return _converted[model]
+    except (KeyError, TypeError):
+        pass
+    from .loader import from_hf_model
+
+    ours = from_hf_model(model)
+    try:
+        _converted[model] = ours
+    except TypeError:  # not weak-referenceable
+        pass
+    return ours
+
+
+def mcmc_power_samp(p, context, temp, mcmc_steps, max_new_tokens, block_num=16, *, seed=None, top_k=None,
+                    progress=False) -> Tuple[List[int], List[float], List[float], float]:
+    """Same signature and return values as the reference:
+    (context + generated ids, per-token proposal log-probs log q, per-token target log-probs
+    alpha*log p with alpha = 1/temp, acceptance ratio). The block size is
+    ceil(max_new_tokens / block_num) (the reference asserts divisibility; we do not need it)."""
+    if not temp or temp <= 0:
+        raise ConfigError(f"temp must be > 0 (alpha = 1/temp); got {temp!r}")
+    if not isinstance(block_num, int) or block_num < 1:
+        raise ConfigError(f"block_num must be an integer >= 1 (got {block_num!r})")
+    from .sampler import PowerSampler
+
+    model = getattr(p, "model", None)
+    if model is None:
+        raise ConfigError("p must carry .model (and .tokenizer), like the reference AutoregressiveSampler")
+    ctx = [int(x) for x in (context.tolist() if hasattr(context, "tolist") else context)]
+    if ctx and isinstance(ctx[0], list):  # [[...]] batch of one
+        ctx = ctx[0]
+    sampler = PowerSampler(_engine_model(model), getattr(p, "tokenizer", None))
+    alpha = 1.0 / float(temp)
+    r = sampler.generate([ctx], alpha=alpha, max_new_tokens=int(max_new_tokens),
+                         block_size=-(-int(max_new_tokens) // block_num), mcmc_steps=int(mcmc_steps),
+                         proposal_temperature=float(temp), top_k=top_k, seed=seed, progress=progress)[0]
+    ratio = r.accepted / r.proposed if r.proposed else 0.0
+    return ctx + r.token_ids, list(r.logq), [alpha * x for x in r.logp], ratio
