@@ -1,0 +1,69 @@
+"""CLI: sampling a prompt end to end (text and JSON output), profiling trace, stats, errors."""
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from powersample_fast import cli, ops
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Tiny random Llama + a real (byte-level BPE) tokenizer built offline from a small vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("cli_model")
+    vocab = {"<eos>": 0, **{chr(c): i + 1 for i, c in enumerate(range(97, 123))}, " ": 27}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=28, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=32, max_position_embeddings=128, eos_token_id=0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def test_sample_text_and_json(model_dir, capsys):
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "hello world", "--prompt", "abc",
+                   "--max-new-tokens", "12", "--block-size", "4", "--steps", "2", "--n", "2", "--seed", "0",
+                   "--json", "--no-progress", "--stats", "--chat"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in rows:
+        assert 1 <= len(r["token_ids"]) <= 12 and len(r["logp"]) == len(r["token_ids"])
+        assert set(r["text"]) <= set("abcdefghijklmnopqrstuvwxyz ")
+    assert "acceptance_rate=" in err and "decode_s=" in err
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "6",
+                   "--block-size", "3", "--steps", "1", "--seed", "0", "--no-progress"])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and out.startswith("--- prompt 0 sample 0:")
+
+
+def test_profile_trace(model_dir, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "6",
+                   "--block-size", "3", "--steps", "1", "--seed", "0", "--no-progress", "--profile", str(trace)])
+    assert rc == 0
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"prefill", "decode", "sample", "accept"} <= names
+    ops.set_backend("auto")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--alpha", "0"], "alpha must be"),
+    (["--model", "/nonexistent/dir"], "does not exist"),
+    (["--top-k", "0"], "top_k"),
+])
+def test_errors_are_one_line(model_dir, capsys, args, match):
+    base = ["sample", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4", "--no-progress"]
+    rc = cli.main(base + args)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err
