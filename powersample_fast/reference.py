@@ -12,7 +12,7 @@ from the chain's 32-bit seed and the chain's draw counter. The uniform for vocab
 
     h = fmix32(((i * 0x9E3779B9) mod 2**32) ^ key)
     h = fmix32((h + key) mod 2**32)
-    u = ((h >> 8) + 0.5) * 2**-24            # in (0, 1), exact in fp32
+    u = ((h >> 9) + 0.5) * 2**-23            # in (0, 1), exact in fp32 (24 significant bits)
 
 and the Gumbel noise is ``g = -log(-log(u))`` in fp32. A token is drawn by Gumbel-max:
 ``argmax_i(z_i / tau + g_i)`` over the kept set (first index on ties).
@@ -63,7 +63,9 @@ def uniform(key: torch.Tensor, n: int) -> torch.Tensor:
     k = key.to(torch.int64)[:, None]
     h = fmix32(_mul32(idx, GOLDEN)[None, :] ^ k)
     h = fmix32((h + k) & M32)
-    return ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    # 23 bits + 0.5 needs 24 significant bits, so the sum is exact in fp32 and u <= 1 - 2**-24.
+    # (With h >> 8 the sum rounded 2**24 - 0.5 up to 2**24: u == 1.0 and a +inf Gumbel.)
+    return ((h >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
 def gumbel(key: torch.Tensor, n: int) -> torch.Tensor:

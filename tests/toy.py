@@ -1,0 +1,408 @@
+"""Enumerable toy models and exact laws for the distributional tests of the samplers.
+
+A toy model has a handful of tokens (one of them EOS) and the tests generate a few tokens, so every
+final state of Algorithm 1 (ALGORITHM.md) can be listed and its probability computed exactly:
+
+- ``exact_power_law``: pi(x) ∝ exp(alpha * sum_i lp_i), the target;
+- ``proposal_law``: sequential sampling from softmax(z / tau) until EOS or the budget (the
+  low-temperature law is ``proposal_law`` with tau = 1/alpha);
+- ``mh_chain_law``: the exact law of Algorithm 1's output after N MH steps per stage, from its
+  transition matrices, so a sampler can be tested exactly (chi-square) with few steps, and the
+  step count of a "converged" test can be justified by a computed distance to pi, not by tuning.
+
+Sampling-noise yardsticks: ``tv_noise_reference`` (TV between a law and n exact draws from it) and
+``chi_square_pvalue``. A law is a dict ``{tuple(generated token ids): probability}``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import pathlib
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+State = Tuple[int, ...]
+Law = Dict[State, float]
+NextLogitsFn = Callable[[List[List[int]]], torch.Tensor]
+
+# Default toy (prompt [0, 1], 4 new tokens, EOS 3, alpha 4). p^alpha with 4 tokens is very peaked
+# and strongly favours short EOS-terminated states, so most random toys put ~all of pi on one state,
+# which makes a weak test. The defaults were chosen (by properties of the fixture, never by sampler
+# outcomes) so that: per-token max prob 0.44-0.85 (min 0.007), pi spread over 4 states (0.43, 0.29,
+# 0.15 for the EOS-first state (3,), 0.13), TV(pi, low-temperature law) = 0.25, and Algorithm 1
+# with tau = 1, block 2, mixes fast (TV of the exact 12-step law to pi: 0.005).
+# logit_scale: ~std of the logits; eos_bias: ~shift of the EOS logit (a constant hidden feature).
+DEFAULT_SEED = 3
+DEFAULT_LOGIT_SCALE = 1.5
+DEFAULT_EOS_BIAS = -1.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy model
+# ----------------------------------------------------------------------------------------------
+def make_toy_model_dir(
+    path,
+    vocab_size: int = 4,
+    eos_id: Optional[int] = 3,
+    seed: int = DEFAULT_SEED,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    num_layers: int = 1,
+    max_position_embeddings: int = 64,
+    weight_std: float = 0.3,
+    eos_bias: float = DEFAULT_EOS_BIAS,
+) -> pathlib.Path:
+    """Save a tiny random ``LlamaForCausalLM`` (hidden 16, 2 heads, 1 kv head, intermediate 32, fp32)
+    to ``path`` (config.json + model.safetensors) and return the path.
+
+    ``weight_std`` (larger than HF's 0.02) makes attention and MLP matter, so next-token laws depend
+    on the whole context and its positions, not only on the last token; the lm_head is then rescaled
+    so the logits have std ~``logit_scale``. ``eos_id=None`` makes a model without EOS.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hidden = 16
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        initializer_range=weight_std,
+        torch_dtype="float32",
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue  # keep RMSNorm weights at 1
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * weight_std)
+        # Hidden coordinate 0 is a constant "bias" feature: every embedding holds 1.0 there and no
+        # layer writes to it, so the final hidden state has h[0] ~ const > 0 and the lm_head's
+        # column 0 acts as a per-token logit bias (used to make EOS rarer).
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        # The final RMSNorm makes each hidden coordinate ~unit scale: N(0, s^2/hidden) weights give
+        # logits of std ~s.
+        w = torch.randn(model.lm_head.weight.shape, generator=gen) * (logit_scale / math.sqrt(hidden))
+        w[:, 0] = 0.0
+        model.lm_head.weight.copy_(w)
+        if eos_id is not None and eos_bias != 0.0:
+            probe = torch.randint(0, vocab_size, (16, 8), generator=gen)
+            h0 = model.model(input_ids=probe).last_hidden_state[..., 0].mean()
+            model.lm_head.weight[eos_id, 0] = eos_bias / h0
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_toy_model(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def hf_next_logits_fn(model_or_dir, dtype=torch.float64) -> NextLogitsFn:
+    """``fn(list of full token lists) -> [N, V]`` raw next-token logits from a full forward of an HF
+    causal LM (a copy in ``dtype``, fp64 by default for the reference)."""
+    if isinstance(model_or_dir, (str, pathlib.Path)):
+        model = load_toy_model(model_or_dir, dtype=dtype)
+    else:
+        model = copy.deepcopy(model_or_dir).to(dtype).eval()
+
+    @torch.no_grad()
+    def fn(seqs: List[List[int]]) -> torch.Tensor:
+        out = torch.empty(len(seqs), model.config.vocab_size, dtype=torch.float64)
+        by_len: Dict[int, List[int]] = {}
+        for i, s in enumerate(seqs):
+            by_len.setdefault(len(s), []).append(i)
+        for _, idx in by_len.items():
+            ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long)
+            out[idx] = model(input_ids=ids).logits[:, -1, :].double()
+        return out
+
+    return fn
+
+
+def _as_logits_fn(model) -> NextLogitsFn:
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        return model
+    return hf_next_logits_fn(model)
+
+
+def _eos_set(eos_id) -> frozenset:
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, int):
+        return frozenset([eos_id])
+    return frozenset(int(e) for e in eos_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Enumeration
+# ----------------------------------------------------------------------------------------------
+class ToyTree:
+    """Next-token logits of every non-final prefix (generated tokens only) up to ``max_new_tokens``."""
+
+    def __init__(self, next_logits_fn: NextLogitsFn, prompt: Sequence[int], max_new_tokens: int, eos_id):
+        self.prompt = [int(t) for t in prompt]
+        self.max_new_tokens = int(max_new_tokens)
+        self.eos = _eos_set(eos_id)
+        self.logits: Dict[State, torch.Tensor] = {}  # prefix -> [V] fp64 raw logits
+        level: List[State] = [()]
+        for _ in range(self.max_new_tokens):
+            z = next_logits_fn([self.prompt + list(p) for p in level]).double()
+            self.vocab_size = z.shape[-1]
+            nxt = []
+            for p, zp in zip(level, z):
+                self.logits[p] = zp
+                nxt.extend(p + (v,) for v in range(self.vocab_size) if v not in self.eos)
+            level = nxt
+
+    def states(self, limit: Optional[int] = None) -> List[State]:
+        """Final states of a stage with limit L: length L and no EOS, or ending with the only EOS."""
+        limit = self.max_new_tokens if limit is None else limit
+        out = []
+        for p in self.logits:
+            if len(p) >= limit:
+                continue
+            for v in range(self.vocab_size):
+                if v in self.eos or len(p) + 1 == limit:
+                    out.append(p + (v,))
+        return sorted(out, key=lambda s: (len(s), s))
+
+    def token_logprobs(self, state: State, tau: float = 1.0, top_k: Optional[int] = None) -> np.ndarray:
+        """Per-token log-probs of ``state`` under softmax(topk(z) / tau) (lp: tau=1, no top-k)."""
+        out = np.empty(len(state))
+        for i, tok in enumerate(state):
+            z = _mask_top_k(self.logits[state[:i]], top_k)
+            out[i] = torch.log_softmax(z / tau, dim=-1)[tok].item()
+        return out
+
+
+def _mask_top_k(z: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
+    # HF's TopKLogitsWarper rule: drop logits strictly below the k-th largest (ties are kept).
+    if top_k is None or top_k >= z.shape[-1]:
+        return z
+    kth = torch.topk(z, top_k).values[..., -1:]
+    return z.masked_fill(z < kth, float("-inf"))
+
+
+def enumerate_states(next_logprobs_fn: NextLogitsFn, prompt, max_new_tokens: int, eos_id) -> Dict[State, torch.Tensor]:
+    """All final states ``{state: [t, V] raw logits of each of its positions}``.
+
+    ``next_logprobs_fn(list of full token lists) -> [N, V]`` raw next-token logits. A final state has
+    ``max_new_tokens`` tokens and no EOS, or ends with its only EOS.
+    """
+    tree = ToyTree(next_logprobs_fn, prompt, max_new_tokens, eos_id)
+    return {s: torch.stack([tree.logits[s[:i]] for i in range(len(s))]) for s in tree.states()}
+
+
+_TREE_CACHE: Dict[tuple, ToyTree] = {}
+
+
+def toy_tree(model, prompt, max_new_tokens: int, eos_id) -> ToyTree:
+    """A (cached, for model dirs) ``ToyTree`` from a model dir, an HF model or a logits function."""
+    key = None
+    if isinstance(model, (str, pathlib.Path)):
+        w = pathlib.Path(model).resolve() / "model.safetensors"
+        stamp = (w.stat().st_mtime_ns, w.stat().st_size) if w.is_file() else None  # a rewritten dir is re-read
+        key = (str(w.parent), stamp, tuple(prompt), int(max_new_tokens), _eos_set(eos_id))
+        if key in _TREE_CACHE:
+            return _TREE_CACHE[key]
+    tree = ToyTree(_as_logits_fn(model), prompt, max_new_tokens, eos_id)
+    if key is not None:
+        _TREE_CACHE[key] = tree
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact laws
+# ----------------------------------------------------------------------------------------------
+def _normalize(logw: Dict[State, float]) -> Law:
+    m = max(logw.values())
+    w = {s: math.exp(v - m) for s, v in logw.items() if v > float("-inf")}
+    z = sum(w.values())
+    return {s: v / z for s, v in w.items()}
+
+
+def exact_power_law(model, prompt, alpha: float, max_new_tokens: int, eos_id, top_k: Optional[int] = None) -> Law:
+    """pi(x) ∝ exp(alpha * sum_i log p(x_i | prefix)) over final states. With ``top_k`` the support is
+    restricted to states whose every token is inside the top-k (the only ones a chain can reach)."""
+    tree = toy_tree(model, prompt, max_new_tokens, eos_id)
+    logw = {}
+    for s in tree.states():
+        if top_k is not None and not np.all(np.isfinite(tree.token_logprobs(s, 1.0, top_k))):
+            continue
+        logw[s] = alpha * float(tree.token_logprobs(s).sum())
+    return _normalize(logw)
+
+
+def proposal_law(model, prompt, tau: float, max_new_tokens: int, eos_id, top_k: Optional[int] = None) -> Law:
+    """Law of sequential sampling from softmax(topk(z) / tau) until EOS or ``max_new_tokens``."""
+    tree = toy_tree(model, prompt, max_new_tokens, eos_id)
+    law = {s: float(np.exp(tree.token_logprobs(s, tau, top_k).sum())) for s in tree.states()}
+    return {s: p for s, p in law.items() if p > 0.0}
+
+
+def low_temperature_law(model, prompt, alpha: float, max_new_tokens: int, eos_id) -> Law:
+    return proposal_law(model, prompt, 1.0 / alpha, max_new_tokens, eos_id)
+
+
+def mh_chain_law(
+    model,
+    prompt,
+    *,
+    alpha: float,
+    max_new_tokens: int,
+    block_size: int,
+    mcmc_steps: int,
+    eos_id,
+    proposal_temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    index: str = "uniform",
+) -> Law:
+    """Exact law of the output of Algorithm 1 (one chain) after ``mcmc_steps`` steps per stage.
+
+    Note: even as mcmc_steps -> inf this is not exactly pi: a chain whose state ends with EOS at the
+    end of stage k < K stops there (ALGORITHM.md step 3), so those states keep their stage-k weight
+    pi_k instead of pi. The gap is computed here, not assumed (0.006 TV for the default toy)."""
+    tree = toy_tree(model, prompt, max_new_tokens, eos_id)
+    tau = 1.0 / alpha if proposal_temperature is None else float(proposal_temperature)
+    num_blocks = -(-max_new_tokens // block_size)
+    final: Law = {}
+    dist: Dict[State, float] = {(): 1.0}  # unfinished states entering the stage
+    for k in range(1, num_blocks + 1):
+        limit = min(k * block_size, max_new_tokens)
+        states = tree.states(limit)
+        pos = {s: i for i, s in enumerate(states)}
+        lp = [tree.token_logprobs(s) for s in states]
+        lq = [tree.token_logprobs(s, tau, top_k) for s in states]
+        # 1. extension of each entering state
+        v = np.zeros(len(states))
+        for x, px in dist.items():
+            for j, y in enumerate(states):
+                if len(y) > len(x) and y[: len(x)] == x:
+                    v[j] += px * math.exp(lq[j][len(x):].sum())
+        # 2. N MH steps: v <- v P
+        if mcmc_steps > 0:
+            P = _mh_matrix(states, pos, lp, lq, alpha, (k - 1) * block_size if index == "last_block" else 0)
+            v = v @ np.linalg.matrix_power(P, mcmc_steps)
+        # 3. finished states leave; the rest enter the next stage
+        dist = {}
+        for j, s in enumerate(states):
+            if v[j] <= 0.0:
+                continue
+            if s[-1] in tree.eos or k == num_blocks:
+                final[s] = final.get(s, 0.0) + float(v[j])
+            else:
+                dist[s] = float(v[j])
+    return final
+
+
+def _mh_matrix(states, pos, lp, lq, alpha, base) -> np.ndarray:
+    """Transition matrix of one MH step: cut m uniform on {base, .., t-1}, resample the suffix."""
+    n = len(states)
+    P = np.zeros((n, n))
+    for i, x in enumerate(states):
+        t = len(x)
+        if t <= base or not np.all(np.isfinite(lq[i])):
+            P[i, i] = 1.0  # a state this stage never visits (finished earlier, or outside top-k)
+            continue
+        for m in range(base, t):
+            w = 1.0 / (t - base)
+            for j, y in enumerate(states):
+                if len(y) <= m or y[:m] != x[:m]:
+                    continue
+                q = math.exp(lq[j][m:].sum())
+                if q == 0.0:
+                    continue
+                log_a = (
+                    alpha * (lp[j][m:].sum() - lp[i][m:].sum())
+                    + (lq[i][m:].sum() - lq[j][m:].sum())
+                    + math.log(t - base) - math.log(len(y) - base)
+                )
+                a = 1.0 if log_a >= 0 else math.exp(log_a)
+                P[i, j] += w * q * a
+                P[i, i] += w * q * (1.0 - a)
+    return P
+
+
+# ----------------------------------------------------------------------------------------------
+# Distances and sampling-noise yardsticks
+# ----------------------------------------------------------------------------------------------
+def _to_law(d: dict) -> Law:
+    total = float(sum(d.values()))
+    return {k: v / total for k, v in d.items()}
+
+
+def counts_of(samples: Iterable[Sequence[int]]) -> Dict[State, int]:
+    out: Dict[State, int] = {}
+    for s in samples:
+        s = tuple(int(t) for t in s)
+        out[s] = out.get(s, 0) + 1
+    return out
+
+
+def tv(law_a: dict, counts_or_law_b: dict) -> float:
+    """Total variation distance; either argument may hold counts (normalised here)."""
+    a, b = _to_law(law_a), _to_law(counts_or_law_b)
+    return 0.5 * sum(abs(a.get(s, 0.0) - b.get(s, 0.0)) for s in set(a) | set(b))
+
+
+def sample_law(law: Law, n_draws: int, rng: np.random.Generator) -> Dict[State, int]:
+    """Counts of ``n_draws`` exact draws from ``law``."""
+    keys = list(law)
+    p = np.array([law[k] for k in keys])
+    c = rng.multinomial(n_draws, p / p.sum())
+    return {k: int(v) for k, v in zip(keys, c) if v > 0}
+
+
+def tv_noise_reference(law: Law, n_draws: int, rng: np.random.Generator, reps: int = 51) -> float:
+    """Median TV between ``law`` and the empirical law of ``n_draws`` exact draws from it."""
+    return float(np.median([tv(law, sample_law(law, n_draws, rng)) for _ in range(reps)]))
+
+
+def chi_square_pvalue(counts: Dict[State, int], law: Law, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit of ``counts`` to ``law``; cells with expected count below
+    ``min_expected`` are pooled. An observed state outside the support of ``law`` gives 0.0."""
+    from scipy.stats import chisquare
+
+    n = sum(counts.values())
+    if any(law.get(s, 0.0) <= 0.0 for s in counts):
+        return 0.0
+    cells = sorted(((n * p, counts.get(s, 0)) for s, p in law.items()), key=lambda c: c[0])
+    exp_, obs_ = [], []
+    pool_e, pool_o = 0.0, 0
+    for e, o in cells:  # ascending expected: pool the small cells together
+        if e >= min_expected and pool_e == 0.0:
+            exp_.append(e)
+            obs_.append(o)
+            continue
+        pool_e, pool_o = pool_e + e, pool_o + o
+        if pool_e >= min_expected:
+            exp_.append(pool_e)
+            obs_.append(pool_o)
+            pool_e, pool_o = 0.0, 0
+    if pool_e > 0:  # leftover small pool: merge into the smallest kept cell
+        if exp_:
+            exp_[0] += pool_e
+            obs_[0] += pool_o
+        else:
+            exp_, obs_ = [pool_e], [pool_o]
+    if len(exp_) < 2:
+        return 1.0
+    exp_arr = np.array(exp_)
+    exp_arr *= n / exp_arr.sum()  # guard against float drift in sum(law) != 1
+    return float(chisquare(np.array(obs_, dtype=float), exp_arr).pvalue)
