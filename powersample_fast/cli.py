@@ -32,14 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object per sample")
     s.add_argument("--stats", action="store_true", help="print time per phase and acceptance rate (stderr)")
     s.add_argument("--profile", metavar="TRACE.json", default=None, help="write a torch profiler (Chrome/Perfetto) trace")
+    s.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (prefill/decode/sample/fork/accept) for Nsight")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
-def _profiler(path):
+def _profiler(path, nvtx=False):
+    import torch
+
+    if nvtx and torch.cuda.is_available():
+        # record_function ranges become NVTX ranges for nsys / Nsight Systems
+        return torch.autograd.profiler.emit_nvtx()
     if path is None:
         return nullcontext()
-    import torch
 
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -58,14 +63,14 @@ def main(argv=None) -> int:
             ops.set_backend(args.backend)
         model, tok = load(args.model, device=args.device, dtype=args.dtype)
         sampler = PowerSampler(model, tok)
-        prof = _profiler(args.profile)
+        prof = _profiler(args.profile, args.nvtx)
         with prof:
             results = sampler.generate(
                 args.prompt, alpha=args.alpha, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                 mcmc_steps=args.steps, proposal_temperature=args.temperature, top_k=args.top_k, index=args.index,
                 n=args.n, seed=args.seed, chat=args.chat, progress=not args.no_progress, max_batch=args.max_batch,
             )
-        if args.profile:
+        if args.profile and hasattr(prof, "export_chrome_trace"):
             prof.export_chrome_trace(args.profile)
             print(f"profile trace written to {args.profile}", file=sys.stderr)
     except PowerSampleError as e:
