@@ -105,7 +105,7 @@ def weight_bytes(model) -> int:
 
 def plain_decode(model, n_tokens, batch, prompt_len=128):
     """Our cached decode: tokens/s per row, and seconds per step (B rows)."""
-    cache = pf.KVCache(model.config, batch, prompt_len + n_tokens + 1, device=model.device, dtype=model.dtype)
+    cache = pf.KVCache(model.config, batch, prompt_len + n_tokens + 8, device=model.device, dtype=model.dtype)
     x = torch.randint(0, 1000, (batch, prompt_len), device=model.device)
     with torch.inference_mode():
         for r in range(batch):
@@ -134,14 +134,14 @@ def hf_decode(hf, n_tokens, prompt_len=128):
     return (time.perf_counter() - t) / n_tokens
 
 
-def mcmc_run(kind, model_or_hf, tok, prompts, n, settings, eos):
+def mcmc_run(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs=False):
     if kind == "naive":
         from powersample_fast.naive import NaiveSampler
 
         s = NaiveSampler(model_or_hf, tok, eos_token_ids=eos)
         kw = {}
     else:
-        s = PowerSampler(model_or_hf, tok, eos_token_ids=eos)
+        s = PowerSampler(model_or_hf, tok, eos_token_ids=eos, cuda_graphs=cuda_graphs)
         kw = {"max_batch": n}
     synchronize(s.model.device if hasattr(s.model, "device") else "cpu")
     t = time.perf_counter()
@@ -201,6 +201,12 @@ def bench_model(name, model, hf, tok, prompt_ids, args, rows):
         r = mcmc_run("ours", model, tok, [prompt_ids], n, settings, eos)
         rows.append(dict(base, kind=f"MCMC ours, {n} chains", **settings, **r,
                          speedup_tok_s=r["tok_per_s"] / naive["tok_per_s"]))
+    if dev.type == "cuda":  # the same runs with decode steps replayed from CUDA graphs
+        for n in args.chains:
+            r = mcmc_run("ours", model, tok, [prompt_ids], n, settings, eos, cuda_graphs=True)
+            rows.append(dict(base, kind=f"MCMC ours + CUDA graphs, {n} chains", **settings, **r,
+                             speedup_wall=naive["s_per_sample"] / r["s_per_sample"] if n == 1 else "",
+                             speedup_tok_s=r["tok_per_s"] / naive["tok_per_s"]))
 
 
 def write(rows, args, out: Path):

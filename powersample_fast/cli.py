@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on CUDA, fp32 on CPU)")
     s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
+    s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
     s.add_argument("--json", action="store_true", help="print one JSON object per sample")
     s.add_argument("--stats", action="store_true", help="print time per phase and acceptance rate (stderr)")
     s.add_argument("--profile", metavar="TRACE.json", default=None, help="write a torch profiler (Chrome/Perfetto) trace")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         if args.backend:
             ops.set_backend(args.backend)
         model, tok = load(args.model, device=args.device, dtype=args.dtype)
-        sampler = PowerSampler(model, tok)
+        sampler = PowerSampler(model, tok, cuda_graphs=args.cuda_graphs)
         prof = _profiler(args.profile, args.nvtx)
         with prof:
             results = sampler.generate(

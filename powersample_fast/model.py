@@ -198,10 +198,14 @@ class Attention(nn.Module):
             kc, vc = kv[0, rows], kv[1, rows]  # [B, H_kv, S, D] views (rows is a slice)
             kc[b_idx, :, p_idx] = k.transpose(1, 2).to(kc.dtype)  # [B, T, H_kv, D] into positions
             vc[b_idx, :, p_idx] = v.transpose(1, 2).to(vc.dtype)
-            o = F.scaled_dot_product_attention(
-                q, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask,
-                enable_gqa=cfg.n_heads != cfg.n_kv_heads,
-            )
+            # GQA without expanding K/V: the G query heads of a kv head become G*T query rows
+            # (HF's repeat_kv maps query head h to kv head h // G), so SDPA's masked kernels read
+            # each cached K/V once.
+            G = cfg.n_heads // cfg.n_kv_heads
+            qg = q.reshape(B, cfg.n_kv_heads, G * T, hd)  # [B, H_kv, G*T, D]
+            mg = mask if G == 1 else mask[:, :, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len)
+            o = F.scaled_dot_product_attention(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mg)
+            o = o.view(B, cfg.n_heads, T, hd)  # [B, H, T, D]
         return self.wo(o.transpose(1, 2).reshape(B, T, cfg.n_heads * hd))
 
 
@@ -252,11 +256,16 @@ class Transformer(nn.Module):
         if self.inv_freq_long is not None:
             self.inv_freq_long = rope_inv_freq(self.config, long=True)[0].to(device)
 
-    def _rope(self, pos: torch.Tensor, max_pos: int, dtype):
+    def _rope(self, pos: torch.Tensor, max_pos: Optional[int], dtype):
         # pos: [B, T] int64 -> cos/sin [B, 1, T, rotary_dim]
         inv = self.inv_freq
-        if self.rope_switch is not None and max_pos + 1 > self.rope_switch:
-            inv = self.inv_freq_long  # HF's longrope rule: long factors once the sequence passes the original length
+        if self.rope_switch is not None:
+            # HF's longrope rule: long factors once the sequence passes the original length.
+            # max_pos None: decide on the device (no host sync; used by captured CUDA graphs)
+            if max_pos is None:
+                inv = torch.where(pos.max() + 1 > self.rope_switch, self.inv_freq_long, self.inv_freq)
+            elif max_pos + 1 > self.rope_switch:
+                inv = self.inv_freq_long
         freqs = pos[..., None].float() * inv.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None]
@@ -311,19 +320,28 @@ class Transformer(nn.Module):
         dev = tokens.device
         start_t = torch.tensor(start, dtype=torch.int64, device=dev)
         pos = start_t[:, None] + torch.arange(T, device=dev)[None]  # pos: [B, T]
+        logits = self.cached_core(tokens, pos, cache, rows, kv_len, kv_len - 1, last_only)
+        cache.advance(rows, T)
+        return logits
+
+    def cached_core(self, tokens, pos, cache: "KVCache", rows: slice, kv_len: int, max_pos: Optional[int],
+                    last_only: bool = False) -> torch.Tensor:
+        """Shape-static part of `forward_cached` (no host reads, capturable in a CUDA graph): write
+        K/V of `tokens` [B, T] at positions `pos` [B, T] of cache rows `rows`, attend over the first
+        `kv_len` positions (causally masked per row), return logits. Lengths are not updated."""
+        B, T = tokens.shape
+        dev = tokens.device
         b_idx = torch.arange(B, device=dev)[:, None].expand(B, T)
         # mask: [B, 1, T, kv_len], key j visible to query (b, i) iff j <= pos[b, i]
         mask = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
         x = self.tok_embeddings(tokens)
-        cos, sin = self._rope(pos, kv_len - 1, x.dtype)
+        cos, sin = self._rope(pos, max_pos, x.dtype)
         write = (rows, b_idx, pos, kv_len)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.kv[i], write, mask)
-        cache.advance(rows, T)
         if last_only:
             x = x[:, -1:]
         return self._logits(x)
-
 
 class KVCache:
     """Preallocated K/V for `n_rows` rows of up to `max_len` positions; each row has its own length.

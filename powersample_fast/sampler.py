@@ -60,9 +60,12 @@ class PowerSampler:
 
     model: a `Transformer` from `powersample_fast.load`, or a path / "default" to load one.
     eos_token_ids: overrides the model's EOS ids (config + generation_config + tokenizer).
+    cuda_graphs: replay decode steps from CUDA graphs (`graphs.DecodeGraphs`); on CPU the same
+    shape-static step runs eagerly. Off by default until measured on a GPU.
     """
 
-    def __init__(self, model, tokenizer=None, *, eos_token_ids=None, max_batch: Optional[int] = None):
+    def __init__(self, model, tokenizer=None, *, eos_token_ids=None, max_batch: Optional[int] = None,
+                 cuda_graphs: bool = False):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from .loader import load
 
@@ -78,6 +81,7 @@ class PowerSampler:
         ids = eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids
         self.eos = frozenset(int(e) for e in ids)
         self.max_batch = max_batch
+        self.cuda_graphs = bool(cuda_graphs)
         self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ public API
@@ -133,6 +137,11 @@ class _Run:
         self.lq = torch.zeros(2, S, T, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(S, dtype=torch.int64, device=dev)
         self.counters = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.decoder = None
+        if sampler.cuda_graphs:
+            from .graphs import DecodeGraphs
+
+            self.decoder = DecodeGraphs(self.model, self.cache, S, use_graphs=dev.type == "cuda")
         self.slots: List[Optional[_Chain]] = [None] * S
         self.feed = [0] * S  # token each slot feeds at its next decode step
         self.inv_tau = 1.0 / p.tau
@@ -259,14 +268,19 @@ class _Run:
         S, p = self.S, self.p
         active = [b for b in range(S) if self.slots[b] is not None]
         B = active[-1] + 1
+        if self.decoder is not None:
+            B = self.decoder.batch_size(B)
         for b in range(B):
             if self.slots[b] is None:  # idle slot inside the batch: feed a dummy token at position 0
                 self.cache.host_lengths[b] = 0
                 self.feed[b] = 0
         t = time.perf_counter()
         with record_function("decode"):
-            x = torch.tensor(self.feed[:B], dtype=torch.int64, device=self.dev)[:, None]
-            logits = self.model.forward_cached(x, self.cache, rows=slice(0, B))[:, 0]  # [B, V]
+            if self.decoder is not None:
+                logits = self.decoder.step(self.feed, B)  # [B, V]
+            else:
+                x = torch.tensor(self.feed[:B], dtype=torch.int64, device=self.dev)[:, None]
+                logits = self.model.forward_cached(x, self.cache, rows=slice(0, B))[:, 0]  # [B, V]
         with record_function("sample"):
             keys = reference.row_key(self.seeds[:B], self.counters[:B])
             self.counters[:B] += 1

@@ -27,7 +27,8 @@ CASES = {
     "linear_rope": (tf.LlamaConfig, tf.LlamaForCausalLM, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0}),
-    "phi3_longrope": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "rope_scaling": LONGROPE}),
+    "phi3_longrope": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "rope_scaling": LONGROPE,
+                                                          "original_max_position_embeddings": 32}),
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
 }
 
@@ -235,3 +236,24 @@ def test_no_weights_file(tmp_path):
     with pytest.raises(ModelLoadError, match="no model.safetensors"):
         pf.load(d)
     shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("name", ["phi3_longrope", "qwen2"])
+def test_static_core_equals_forward_cached(tmp_path, name):
+    """`cached_core` as CUDA graphs run it (KV span padded past the longest row, RoPE factor chosen
+    on the device: longrope switches to long factors past 32 positions here) equals the eager
+    `forward_cached` step by step."""
+    d, _ = _save(tmp_path, name)
+    model, _ = pf.load(d, dtype=torch.float32)
+    if name == "phi3_longrope":
+        assert model.rope_switch == 32 and model.attention_scaling > 1.0
+    ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(5))
+    eager, static = pf.KVCache(model.config, 2, 64), pf.KVCache(model.config, 2, 64)
+    model.forward_cached(ids[:, :20], eager)
+    model.forward_cached(ids[:, :20], static)
+    for i in range(20, 45):
+        ref = model.forward_cached(ids[:, i:i + 1], eager)
+        out = model.cached_core(ids[:, i:i + 1], torch.tensor([[i], [i]]), static, slice(0, 2), kv_len=64,
+                                max_pos=None)
+        static.advance(slice(0, 2), 1)
+        assert _rel(out, ref) <= 1e-5
