@@ -103,20 +103,26 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def plain_decode(model, n_tokens, batch, prompt_len=128):
-    """Our cached decode: tokens/s per row, and seconds per step (B rows)."""
+def plain_decode(model, n_tokens, batch, prompt_len=128, graphs=False):
+    """Our cached decode (optionally replayed from CUDA graphs): seconds per step of B rows."""
     cache = pf.KVCache(model.config, batch, prompt_len + n_tokens + 8, device=model.device, dtype=model.dtype)
-    x = torch.randint(0, 1000, (batch, prompt_len), device=model.device)
+    dec = None
+    if graphs:
+        from powersample_fast.graphs import DecodeGraphs
+
+        dec = DecodeGraphs(model, cache, batch, batch_multiple=1)
+    x = torch.randint(0, min(1000, model.config.vocab_size), (batch, prompt_len), device=model.device)
     with torch.inference_mode():
         for r in range(batch):
             model.forward_cached(x[r:r + 1], cache, rows=r, last_only=True)
         tok = torch.zeros(batch, 1, dtype=torch.int64, device=model.device)
-        for _ in range(3):  # warm-up
-            model.forward_cached(tok, cache)
+        step = (lambda t: dec.step(t[:, 0].tolist(), batch)[:, None]) if dec else (lambda t: model.forward_cached(t, cache))
+        for _ in range(3):  # warm-up (and graph capture)
+            step(tok)
         synchronize(model.device)
         t = time.perf_counter()
         for _ in range(n_tokens):
-            logits = model.forward_cached(tok, cache)
+            logits = step(tok)
             tok = logits[:, -1].argmax(-1, keepdim=True)
         synchronize(model.device)
         dt = time.perf_counter() - t
@@ -183,6 +189,10 @@ def bench_model(name, model, hf, tok, prompt_ids, args, rows):
     roof_s = (wb + kv_per_pos * avg_ctx) / bw
     hf_s = hf_decode(hf, args.decode_tokens)
     base = {"model": name, "device": device_name(dev), "dtype": str(model.dtype).replace("torch.", "")}
+    if dev.type == "cuda":
+        g_s, _ = plain_decode(model, args.decode_tokens, 1, graphs=True)
+        rows.append(dict(base, kind="plain decode (ours + CUDA graphs, 1 row)", tok_per_s=1 / g_s, s_per_step=g_s,
+                         roofline_s=roof_s, roofline_frac=roof_s / g_s))
     rows.append(dict(base, kind="plain decode (ours, 1 row)", tok_per_s=1 / step_s, s_per_step=step_s,
                      roofline_s=roof_s, roofline_frac=roof_s / step_s, copy_GBps=bw / 1e9))
     rows.append(dict(base, kind="plain decode (HF generate)", tok_per_s=1 / hf_s, s_per_step=hf_s,
