@@ -57,20 +57,30 @@ def row_key(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def uniform(key: torch.Tensor, n: int) -> torch.Tensor:
-    """uniforms [R, n] (fp32, in (0,1)) for int64 keys [R] at vocabulary indices 0..n-1."""
-    idx = torch.arange(n, dtype=torch.int64, device=key.device)
-    k = key.to(torch.int64)[:, None]
-    h = fmix32(_mul32(idx, GOLDEN)[None, :] ^ k)
+def uniform_at(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """uniform(key, i) elementwise for broadcastable int64 ``key`` and vocabulary indices ``idx``."""
+    k = key.to(torch.int64)
+    h = fmix32(_mul32(idx.to(torch.int64), GOLDEN) ^ k)
     h = fmix32((h + k) & M32)
     # 23 bits + 0.5 needs 24 significant bits, so the sum is exact in fp32 and u <= 1 - 2**-24.
     # (With h >> 8 the sum rounded 2**24 - 0.5 up to 2**24: u == 1.0 and a +inf Gumbel.)
     return ((h >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
+def uniform(key: torch.Tensor, n: int) -> torch.Tensor:
+    """uniforms [R, n] (fp32, in (0,1)) for int64 keys [R] at vocabulary indices 0..n-1."""
+    idx = torch.arange(n, dtype=torch.int64, device=key.device)
+    return uniform_at(key[:, None], idx[None, :])
+
+
 def gumbel(key: torch.Tensor, n: int) -> torch.Tensor:
     """Gumbel noise [R, n] fp32: -log(-log(u))."""
     return -torch.log(-torch.log(uniform(key, n)))
+
+
+# Range of the Gumbel noise: u in [2**-24, 1 - 2**-24] gives g in [-2.81, 16.64]. A token whose
+# z*inv_tau is more than G_SPAN below the row's largest kept z*inv_tau can never win the Gumbel-max.
+G_SPAN = 20.0
 
 
 def topk_threshold(logits: torch.Tensor, top_k: Optional[int]) -> Optional[torch.Tensor]:
@@ -100,11 +110,26 @@ def sample_logprobs(
     zt = z * inv_tau
     if threshold is not None:
         zt = zt.masked_fill(z < threshold[:, None], float("-inf"))
-    score = zt + gumbel(keys, z.shape[-1])
-    tok = torch.argmax(score, dim=-1)  # first max on ties
+    tok = _gumbel_argmax(zt, keys)
     lp = z.gather(1, tok[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
     lq = zt.gather(1, tok[:, None])[:, 0] - torch.logsumexp(zt, dim=-1)
     return tok, lp, lq
+
+
+def _gumbel_argmax(zt: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """argmax_i(zt_i + g_i) per row (first index on ties). Exact shortcut for finite rows: the
+    noise is computed only for candidates within G_SPAN of the row max (no other token can win, so
+    the argmax is the same as over the full row); rows with NaN/+inf take the full path."""
+    if zt.device.type != "cpu" or zt.shape[-1] <= 4096:
+        return torch.argmax(zt + gumbel(keys, zt.shape[-1]), dim=-1)
+    zmax = zt.max(dim=-1, keepdim=True).values
+    if not bool(torch.isfinite(zmax).all()) or bool(torch.isnan(zt).any()):
+        return torch.argmax(zt + gumbel(keys, zt.shape[-1]), dim=-1)
+    rows, cols = torch.nonzero(zt > zmax - G_SPAN, as_tuple=True)
+    g = -torch.log(-torch.log(uniform_at(keys.to(torch.int64)[rows], cols)))
+    score = torch.full_like(zt, float("-inf"))
+    score[rows, cols] = zt[rows, cols] + g
+    return torch.argmax(score, dim=-1)
 
 
 def gather_logprobs(
