@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import powersample_fast as pf  # noqa: E402
 from powersample_fast.device import synchronize  # noqa: E402
-from powersample_fast.loader import _build, load_state_dict  # noqa: E402
+from powersample_fast.loader import _build  # noqa: E402
 from powersample_fast.model import ModelConfig  # noqa: E402
 from powersample_fast.sampler import PowerSampler  # noqa: E402
 

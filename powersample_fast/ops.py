@@ -40,11 +40,9 @@ def backend_for(t: torch.Tensor) -> str:
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _kernels():

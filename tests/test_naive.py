@@ -8,7 +8,6 @@ plus the computed distance between the N-step law and pi.
 
 import numpy as np
 import pytest
-import torch
 
 from powersample_fast.errors import ConfigError
 from powersample_fast.naive import NaiveSampler
@@ -26,23 +25,10 @@ from toy import (
     tv_noise_reference,
 )
 
-PROMPT, T, B, EOS, ALPHA = [0, 1], 4, 2, 3, 4.0
-P_MIN = 1e-3
+from toy import ALPHA, B, EOS, P_MIN, PROMPT, T
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A 16-wide model: intra-op threads only add contention (36 ms vs 2 ms per generate call on a
-    # loaded 2-core box).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    return make_toy_model_dir(tmp_path_factory.mktemp("toy"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from toy import (
     counts_of,
     exact_power_law,
     low_temperature_law,
-    make_toy_model_dir,
     mh_chain_law,
     proposal_law,
     sample_law,
@@ -21,21 +20,10 @@ from toy import (
     tv,
 )
 
-PROMPT, T, B, EOS, ALPHA = [0, 1], 4, 2, 3, 4.0
-P_MIN = 1e-3
+from toy import ALPHA, B, EOS, P_MIN, PROMPT, T
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    return make_toy_model_dir(tmp_path_factory.mktemp("toy"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from toy import (
     hf_next_logits_fn,
     load_toy_model,
     low_temperature_law,
-    make_toy_model_dir,
     mh_chain_law,
     proposal_law,
     sample_law,
@@ -22,12 +21,7 @@ from toy import (
     tv_noise_reference,
 )
 
-PROMPT, T, EOS = [0, 1], 4, 3
-
-
-@pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory):
-    return make_toy_model_dir(tmp_path_factory.mktemp("toy"))
+from toy import EOS, PROMPT, T  # noqa: E402
 
 
 def _base_law(states):

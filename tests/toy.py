@@ -406,3 +406,9 @@ def chi_square_pvalue(counts: Dict[State, int], law: Law, min_expected: float = 
     exp_arr = np.array(exp_)
     exp_arr *= n / exp_arr.sum()  # guard against float drift in sum(law) != 1
     return float(chisquare(np.array(obs_, dtype=float), exp_arr).pvalue)
+
+
+# The standard exactness setting of the sampler tests: prompt [0, 1], 4 new tokens in blocks of 2
+# (121 final states), EOS 3, alpha 4; chi-square p-values below P_MIN fail.
+PROMPT, T, B, EOS, ALPHA = [0, 1], 4, 2, 3, 4.0
+P_MIN = 1e-3
