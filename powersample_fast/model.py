@@ -250,6 +250,13 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) / .half() would round the RoPE tables; recompute them in fp32 on the new device
+        out = super()._apply(fn, *args, **kwargs)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_rope_buffers(self.tok_embeddings.weight.device)
+        return out
+
     def init_rope_buffers(self, device):
         """Recompute the (non-persistent) RoPE buffers on `device` (after a meta-device build)."""
         self.inv_freq = rope_inv_freq(self.config)[0].to(device)

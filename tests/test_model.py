@@ -138,7 +138,8 @@ def test_bf16_within_bf16_error(tmp_path):
     d, _ = _save(tmp_path, "llama")
     m32, _ = pf.load(d, dtype=torch.float32)
     m16, _ = pf.load(d, dtype="bfloat16")
-    assert m16.tok_embeddings.weight.dtype == torch.bfloat16
+    assert m16.tok_embeddings.weight.dtype == torch.bfloat16 and m16.inv_freq.dtype == torch.float32
+    assert pf.load(d)[0].to(torch.bfloat16).inv_freq.dtype == torch.float32  # RoPE tables stay fp32
     ids = torch.randint(0, 97, (2, 20))
     ref = m32(ids)
     out = m16(ids)
