@@ -82,6 +82,7 @@ class PowerSampler:
         self.eos = frozenset(int(e) for e in ids)
         self.max_batch = max_batch
         self.cuda_graphs = bool(cuda_graphs)
+        self.compact = True  # move chains down into free slots once the queue is drained
         self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ public API
@@ -137,6 +138,8 @@ class _Run:
         self.lq = torch.zeros(2, S, T, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(S, dtype=torch.int64, device=dev)
         self.counters = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.compact_enabled = sampler.compact
+        self.n_moves = 0
         self.decoder = None
         if sampler.cuda_graphs:
             from .graphs import DecodeGraphs
@@ -249,6 +252,7 @@ class _Run:
         prop = sum(r.proposed for r in self.results)
         self.s.last_stats = dict(
             self.times, wall_s=wall, decode_steps=n_steps, chains=self.n_chains, batch_slots=self.S,
+            slot_moves=self.n_moves,
             tokens_sampled=sampled, tokens_prefilled=sum(r.stats["tokens_prefilled"] for r in self.results),
             positions_computed=sum(r.stats["positions_computed"] for r in self.results),
             tokens_per_s=sampled / wall if wall > 0 else float("nan"),
@@ -331,6 +335,46 @@ class _Run:
         for b in range(S):  # refill finished slots from the queue
             if self.slots[b] is None and self.queue:
                 self.admit(b)
+        if not self.queue and self.compact_enabled:
+            self.compact()
+
+    def compact(self):
+        """Queue drained: move the highest-numbered chains into free lower slots, so the decode
+        batch (rows 0..highest active) shrinks as chains finish. A move copies the chain's K/V
+        (and its proposal backup) in one kv_copy_ launch, and its device buffers and stream."""
+        moves = []
+        while True:
+            free = [b for b in range(self.S) if self.slots[b] is None]
+            active = [b for b in range(self.S) if self.slots[b] is not None]
+            if not free or not active or free[0] > active[-1]:
+                break
+            f, h = free[0], active[-1]
+            c = self.slots[h]
+            self.slots[f], self.slots[h] = c, None
+            self.feed[f] = self.feed[h]
+            self.cache.host_lengths[f] = self.cache.host_lengths[h]
+            self.cache.host_lengths[h] = 0
+            moves.append((h, f, c))
+        if not moves:
+            return
+        t = time.perf_counter()
+        copies = []
+        for h, f, c in moves:
+            copies.append((h, f, 0, self.cache.host_lengths[f]))
+            if c.phase == PROPOSE:  # the current state's backed-up suffix
+                P, n = len(c.prompt), len(c.tokens) - 1 - c.cut
+                if n > 0:
+                    copies.append((self.S + h, self.S + f, P + c.cut, n))
+        with record_function("fork"):
+            self.cache.copy_range(*zip(*copies))
+            hs = torch.tensor([m[0] for m in moves], device=self.dev)
+            fs = torch.tensor([m[1] for m in moves], device=self.dev)
+            for buf in (self.tok, self.lp, self.lq):
+                buf[:, fs] = buf[:, hs]
+            self.seeds[fs] = self.seeds[hs]
+            self.counters[fs] = self.counters[hs]
+        self.times["kv_copy_s"] += time.perf_counter() - t
+        self.n_moves += len(moves)
 
     def accept(self, rows: List[int], backups: list):
         t0 = time.perf_counter()

@@ -219,3 +219,21 @@ def test_static_decode_path_equals_eager(tiny):
     for ra, rb in zip(a, b):
         assert ra.logp == pytest.approx(rb.logp, abs=1e-5)
         assert rb.stats["positions_computed"] == rb.stats["prompt_tokens"] - 1 + rb.stats["tokens_sampled"]
+
+
+def test_tail_compaction_moves_chains_without_changing_them(tiny):
+    """Once the queue is drained, chains move down into freed slots (K/V, proposal backup, buffers
+    and random stream move with them): outputs equal those of a run without moves."""
+    model, _ = tiny
+    kw = dict(alpha=3.0, max_new_tokens=48, block_size=12, mcmc_steps=3, n=4, seed=9, progress=False, max_batch=6)
+    s = PowerSampler(model)
+    a = s.generate([[1, 2, 3], [5, 6]], **kw)
+    assert s.last_stats["slot_moves"] > 0
+    s.compact = False
+    b = s.generate([[1, 2, 3], [5, 6]], **kw)
+    assert s.last_stats["slot_moves"] == 0
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.accepted for r in a] == [r.accepted for r in b]
+    for r in a:  # and the moved chains' log-probs are still those of their final sequences
+        lp, lq = _recompute_logprobs(model, [[1, 2, 3], [5, 6]][r.prompt_index], r.token_ids, 1 / 3.0)
+        assert torch.allclose(torch.tensor(r.logp, dtype=torch.float64), lp, atol=2e-4)
