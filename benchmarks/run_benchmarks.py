@@ -115,7 +115,7 @@ def plain_decode(model, n_tokens, batch, prompt_len=128, graphs=False):
         for r in range(batch):
             model.forward_cached(x[r:r + 1], cache, rows=r, last_only=True)
         tok = torch.zeros(batch, 1, dtype=torch.int64, device=model.device)
-        step = (lambda t: dec.step(t[:, 0].tolist(), batch)[:, None]) if dec else (lambda t: model.forward_cached(t, cache))
+        step = (lambda t: dec.step(t[:, 0], batch)[:, None]) if dec else (lambda t: model.forward_cached(t, cache))
         for _ in range(3):  # warm-up (and graph capture)
             step(tok)
         synchronize(model.device)

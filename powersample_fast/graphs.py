@@ -14,7 +14,7 @@ static step equals `forward_cached`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -48,17 +48,17 @@ class DecodeGraphs:
     def _fn(self, B: int, kv_len: int):
         return lambda: self.model.cached_core(self.tok[:B], self.pos[:B], self.cache, slice(0, B), kv_len, None)[:, 0]
 
-    def step(self, feed: List[int], B: int) -> torch.Tensor:
-        """One decode position for rows 0..B-1 (B as returned by `batch_size`): feed[b] at each
-        row's current length. Returns logits [B, V] (a static buffer, valid until the next step)."""
+    def step(self, feed: torch.Tensor, B: int) -> torch.Tensor:
+        """One decode position for rows 0..B-1 (B as returned by `batch_size`): feed[b] (a device
+        int64 tensor [B]) at each row's current length. Returns logits [B, V] (a static buffer,
+        valid until the next step)."""
         start = self.cache.host_lengths[:B]
         kv_len = max(start) + 1
         self.model._check_len(kv_len)
         if kv_len > self.cache.max_len:
             raise ConfigError(f"KV cache holds {self.cache.max_len} positions but {kv_len} are needed")
-        host = torch.tensor([feed[:B], start], dtype=torch.int64)
-        self.tok[:B, 0].copy_(host[0], non_blocking=True)
-        self.pos[:B, 0].copy_(host[1], non_blocking=True)
+        self.tok[:B, 0].copy_(feed)
+        self.pos[:B, 0].copy_(torch.tensor(start, dtype=torch.int64), non_blocking=True)
         key = (B, self._kv_len(kv_len))
         if not self.use_graphs:
             out = self._fn(*key)()

@@ -57,6 +57,20 @@ def row_key(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def row_key_int(seed: int, counter: int) -> int:
+    """``row_key`` for python ints (the sampler computes its keys on the host: no device ops)."""
+    def fmix(h):
+        h ^= h >> 16
+        h = (h * FMIX_C1) & M32
+        h ^= h >> 13
+        h = (h * FMIX_C2) & M32
+        return h ^ (h >> 16)
+
+    seed &= M32
+    h = fmix(seed ^ ((counter & M32) * GOLDEN & M32))
+    return fmix(h ^ ((counter >> 32) & M32) ^ 0x5BD1E995)
+
+
 def uniform_at(key: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """uniform(key, i) elementwise for broadcastable int64 ``key`` and vocabulary indices ``idx``."""
     k = key.to(torch.int64)

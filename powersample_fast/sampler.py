@@ -136,8 +136,6 @@ class _Run:
         self.tok = torch.zeros(2, S, T, dtype=torch.int64, device=dev)
         self.lp = torch.zeros(2, S, T, dtype=torch.float32, device=dev)
         self.lq = torch.zeros(2, S, T, dtype=torch.float32, device=dev)
-        self.seeds = torch.zeros(S, dtype=torch.int64, device=dev)
-        self.counters = torch.zeros(S, dtype=torch.int64, device=dev)
         self.compact_enabled = sampler.compact
         self.n_moves = 0
         self.decoder = None
@@ -158,8 +156,6 @@ class _Run:
         c = self.queue.pop(0)
         c.t0 = time.perf_counter()
         self.slots[b] = c
-        self.seeds[b] = c.seed
-        self.counters[b] = 0
         P = len(c.prompt)
         self.cache.host_lengths[b] = 0
         t = time.perf_counter()
@@ -278,26 +274,24 @@ class _Run:
             if self.slots[b] is None:  # idle slot inside the batch: feed a dummy token at position 0
                 self.cache.host_lengths[b] = 0
                 self.feed[b] = 0
+        # one host->device copy per step: tokens to feed, random keys (chain seed, draws so far),
+        # and where each sampled token goes: (phase buffer, position)
+        keys, ph, pos = [0] * B, [0] * B, [0] * B
+        for b in active:
+            c = self.slots[b]
+            keys[b] = reference.row_key_int(c.seed, c.sampled)
+            ph[b], pos[b] = c.phase, len(c.work)
         t = time.perf_counter()
         with record_function("decode"):
+            inp = torch.tensor([self.feed[:B], keys, ph, pos], dtype=torch.int64).to(self.dev, non_blocking=True)
             if self.decoder is not None:
-                logits = self.decoder.step(self.feed, B)  # [B, V]
+                logits = self.decoder.step(inp[0], B)  # [B, V]
             else:
-                x = torch.tensor(self.feed[:B], dtype=torch.int64, device=self.dev)[:, None]
-                logits = self.model.forward_cached(x, self.cache, rows=slice(0, B))[:, 0]  # [B, V]
+                logits = self.model.forward_cached(inp[0, :, None], self.cache, rows=slice(0, B))[:, 0]  # [B, V]
         with record_function("sample"):
-            keys = reference.row_key(self.seeds[:B], self.counters[:B])
-            self.counters[:B] += 1
             thr = ops.topk_threshold(logits, p.top_k)
-            tok, lp, lq = ops.sample_logprobs(logits, keys, self.inv_tau, thr)
-            # write into the working buffer of each slot: (phase, slot, position)
-            ph = [0] * B
-            pos = [0] * B
-            for b in active:
-                c = self.slots[b]
-                ph[b], pos[b] = c.phase, len(c.work)
-            idx = (torch.tensor(ph, device=self.dev), torch.arange(B, device=self.dev),
-                   torch.tensor(pos, device=self.dev))
+            tok, lp, lq = ops.sample_logprobs(logits, inp[1], self.inv_tau, thr)
+            idx = (inp[2], torch.arange(B, device=self.dev), inp[3])
             self.tok.index_put_(idx, tok)
             self.lp.index_put_(idx, lp)
             self.lq.index_put_(idx, lq)
@@ -371,8 +365,6 @@ class _Run:
             fs = torch.tensor([m[1] for m in moves], device=self.dev)
             for buf in (self.tok, self.lp, self.lq):
                 buf[:, fs] = buf[:, hs]
-            self.seeds[fs] = self.seeds[hs]
-            self.counters[fs] = self.counters[hs]
         self.times["kv_copy_s"] += time.perf_counter() - t
         self.n_moves += len(moves)
 

@@ -30,3 +30,12 @@ def test_nan_rows_take_the_full_path():
     tok = R._gumbel_argmax(z, keys)
     assert tok[1] == 17  # torch.argmax semantics: the first NaN wins
     assert torch.equal(tok, torch.argmax(z + R.gumbel(keys, 5000), dim=-1))
+
+
+def test_row_key_int_matches_tensor_version():
+    seeds = [0, 1, 0xFFFFFFFF, 123456789, 2**31 + 5]
+    counters = [0, 1, 5317, 2**32 + 3, 10**12]
+    st = torch.tensor([s for s in seeds for _ in counters])
+    ct = torch.tensor([c for _ in seeds for c in counters])
+    expect = R.row_key(st, ct).tolist()
+    assert [R.row_key_int(s, c) for s in seeds for c in counters] == expect
