@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -124,7 +125,7 @@ class _Run:
 
     def __init__(self, sampler: PowerSampler, p: SamplingParams, chains: List[_Chain], n_slots: int, progress):
         self.s, self.p, self.model = sampler, p, sampler.model
-        self.queue = list(chains)
+        self.queue = deque(chains)
         self.n_chains = len(chains)
         self.S = S = n_slots
         dev = self.model.device
@@ -153,7 +154,7 @@ class _Run:
 
     # -------------------------------------------------------------- chain lifecycle
     def admit(self, b: int):
-        c = self.queue.pop(0)
+        c = self.queue.popleft()
         c.t0 = time.perf_counter()
         self.slots[b] = c
         P = len(c.prompt)
@@ -171,8 +172,8 @@ class _Run:
     def start_extend(self, b: int, c: _Chain):
         c.phase, c.limit, c.steps_done = EXTEND, self.p.stage_limit(c.k), 0
         c.work = list(c.tokens)
-        seq = c.prompt + c.tokens
-        self.feed[b] = seq[-1]  # fed at position P + t - 1 (the lazily unfed last token)
+        # fed at position P + t - 1: the state's last token, never fed yet (lazy feeding)
+        self.feed[b] = c.tokens[-1] if c.tokens else c.prompt[-1]
 
     def start_proposal(self, b: int, c: _Chain, backups: list):
         t = len(c.tokens)
@@ -184,7 +185,7 @@ class _Run:
         if t - 1 - m > 0:
             backups.append((b, self.S + b, P + m, t - 1 - m))
         self.cache.truncate(b, P + m - 1)
-        self.feed[b] = (c.prompt + c.tokens)[P + m - 1]
+        self.feed[b] = c.tokens[m - 1] if m > 0 else c.prompt[-1]  # re-fed at position P + m - 1
 
     def finish(self, b: int, c: _Chain):
         t = len(c.tokens)
@@ -205,7 +206,7 @@ class _Run:
         if self.bar is not None:
             self.bar.update(1)
 
-    def stage_end(self, b: int, c: _Chain, backups: list):
+    def stage_end(self, b: int, c: _Chain):
         """Called when the state of stage k is final (after its N MH steps)."""
         if (c.tokens and c.tokens[-1] in self.s.eos) or c.k >= self.p.num_blocks:
             self.finish(b, c)
@@ -218,7 +219,7 @@ class _Run:
         if c.steps_done < self.p.mcmc_steps:
             self.start_proposal(b, c, backups)
         else:
-            self.stage_end(b, c, backups)
+            self.stage_end(b, c)
 
     # -------------------------------------------------------------------- main loop
     def run(self) -> List[SampleResult]:
