@@ -145,6 +145,7 @@ class _Run:
 
             self.decoder = DecodeGraphs(self.model, self.cache, S, use_graphs=dev.type == "cuda")
         self.slots: List[Optional[_Chain]] = [None] * S
+        self.row_prompt: List[Optional[tuple]] = [None] * S  # prompt whose K/V [0, P-1) a work row holds
         self.feed = [0] * S  # token each slot feeds at its next decode step
         self.inv_tau = 1.0 / p.tau
         self.results: List[SampleResult] = []
@@ -158,15 +159,27 @@ class _Run:
         c.t0 = time.perf_counter()
         self.slots[b] = c
         P = len(c.prompt)
-        self.cache.host_lengths[b] = 0
+        key = tuple(c.prompt)
+        # a row that already holds this prompt's K/V (a sibling sample, or this slot's last chain)
+        src = b if self.row_prompt[b] == key else next(
+            (r for r in range(self.S) if self.row_prompt[r] == key), None)
         t = time.perf_counter()
-        if P > 1:  # prefill all but the last prompt token; the last runs in the first decode step
+        if P == 1:
+            self.cache.host_lengths[b] = 0
+        elif src == b:
+            self.cache.host_lengths[b] = P - 1
+        elif src is not None:  # fork: copy positions [0, P-1) of the sibling's row
+            with record_function("fork"):
+                self.cache.fork([src], [b], [P - 1])
+        else:  # prefill all but the last prompt token; the last runs in the first decode step
+            self.cache.host_lengths[b] = 0
             with record_function("prefill"):
                 x = torch.tensor([c.prompt[:-1]], dtype=torch.int64, device=self.dev)
                 self.model.forward_cached(x, self.cache, rows=b, last_only=True)
+            c.positions += P - 1
+            c.prefilled += P
+        self.row_prompt[b] = key
         self.times["prefill_s"] += time.perf_counter() - t
-        c.positions += P - 1
-        c.prefilled += P
         self.start_extend(b, c)
 
     def start_extend(self, b: int, c: _Chain):
@@ -201,8 +214,7 @@ class _Run:
                    "positions_computed": c.positions, "prompt_tokens": len(c.prompt),
                    "wall_s": time.perf_counter() - c.t0},
         ))
-        self.slots[b] = None
-        self.cache.host_lengths[b] = 0
+        self.slots[b] = None  # the row keeps its K/V (and length): a sibling may fork its prompt
         if self.bar is not None:
             self.bar.update(1)
 
@@ -275,6 +287,7 @@ class _Run:
             if self.slots[b] is None:  # idle slot inside the batch: feed a dummy token at position 0
                 self.cache.host_lengths[b] = 0
                 self.feed[b] = 0
+                self.row_prompt[b] = None
         # one host->device copy per step: tokens to feed, random keys (chain seed, draws so far),
         # and where each sampled token goes: (phase buffer, position)
         keys, ph, pos = [0] * B, [0] * B, [0] * B
@@ -347,8 +360,8 @@ class _Run:
             c = self.slots[h]
             self.slots[f], self.slots[h] = c, None
             self.feed[f] = self.feed[h]
-            self.cache.host_lengths[f] = self.cache.host_lengths[h]
-            self.cache.host_lengths[h] = 0
+            self.row_prompt[f] = self.row_prompt[h]
+            self.cache.host_lengths[f] = self.cache.host_lengths[h]  # row h keeps its K/V and length
             moves.append((h, f, c))
         if not moves:
             return
