@@ -37,3 +37,17 @@ def resolve_dtype(dtype) -> torch.dtype:
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_memory_bytes(device) -> int:
+    """Memory free for new allocations on `device`: CUDA free memory, or available RAM on CPU
+    (Linux sysconf; a large number where unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-Linux
+        return 1 << 60

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections import deque
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 from torch.profiler import record_function
 
 from . import ops, reference
+from .device import free_memory_bytes
 from .errors import ConfigError, NonFiniteLogitsError
 from .model import KVCache, Transformer
 from .params import SamplingParams, chain_seed, normalize_prompts, resolve_seed
@@ -117,7 +119,27 @@ class PowerSampler:
                   64 if self.model.device.type == "cuda" else 8)
         if not isinstance(mb, int) or mb < 1:
             raise ConfigError(f"max_batch must be an integer >= 1 (got {mb!r})")
-        return _Run(self, p, chains, min(mb, len(chains)), progress).run()
+        slots = self._fit_slots(min(mb, len(chains)), max(len(c.prompt) for c in chains) + p.max_new_tokens, p)
+        return _Run(self, p, chains, slots, progress).run()
+
+    def _fit_slots(self, want: int, max_len: int, p: SamplingParams) -> int:
+        """Chains decoded together, reduced (with a warning) so that the KV cache (2 rows per chain)
+        and the per-token buffers take at most 90% of the free memory of the model's device."""
+        cfg = self.model.config
+        per_pos = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * self.model.dtype.itemsize
+        per_slot = 2 * max_len * per_pos + 2 * p.max_new_tokens * (8 + 4 + 4)
+        free = int(0.9 * free_memory_bytes(self.model.device))
+        fit = free // per_slot
+        if fit < 1:
+            raise ConfigError(
+                f"one chain needs {per_slot / 2**30:.2f} GiB of KV cache ({max_len} positions x 2 rows) but only "
+                f"{free / 2**30:.2f} GiB is free on {self.model.device}; lower max_new_tokens or shorten the prompt"
+            )
+        if fit < want:
+            warnings.warn(f"max_batch reduced from {want} to {fit} chains so the KV cache fits in the free memory "
+                          f"of {self.model.device} ({per_slot / 2**20:.0f} MiB per chain)", stacklevel=3)
+            return fit
+        return want
 
 
 class _Run:

@@ -255,3 +255,22 @@ def test_prompt_kv_shared_between_samples(tiny):
     for r in res:
         lp, _ = _recompute_logprobs(model, prompts[r.prompt_index], r.token_ids, 0.5)
         assert torch.allclose(torch.tensor(r.logp, dtype=torch.float64), lp, atol=2e-4)
+
+
+def test_batch_fits_free_memory(tiny, monkeypatch):
+    """max_batch shrinks (with a warning) to what the KV cache can hold; a single chain that cannot
+    fit is a clear error."""
+    import powersample_fast.sampler as smod
+
+    model, _ = tiny
+    cfg = model.config
+    per_slot = 2 * (3 + 20) * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 + 2 * 20 * 16
+    monkeypatch.setattr(smod, "free_memory_bytes", lambda dev: int(3.5 * per_slot / 0.9))
+    s = PowerSampler(model)
+    with pytest.warns(UserWarning, match="max_batch reduced from 6 to 3"):
+        res = s.generate([[1, 2, 3]], n=6, max_new_tokens=20, block_size=10, mcmc_steps=1, seed=0,
+                         progress=False, max_batch=6)
+    assert len(res) == 6 and s.last_stats["batch_slots"] == 3
+    monkeypatch.setattr(smod, "free_memory_bytes", lambda dev: per_slot // 2)
+    with pytest.raises(ConfigError, match="one chain needs .* GiB of KV cache"):
+        s.generate([[1, 2, 3]], max_new_tokens=20, progress=False)
