@@ -15,7 +15,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench-cpu: $(VENV)/.installed
-	$(PY) benchmarks/run_benchmarks.py --cpu-default
+	$(PY) benchmarks/run_benchmarks.py --cpu-default --chains 1,8 --naive-budget 128 --block-size 64 --steps 4 --decode-tokens 32
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
