@@ -73,13 +73,11 @@ def hf_twin(model):
     hcfg = transformers.AutoConfig.for_model({"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                                               "Phi3ForCausalLM": "phi3"}[cfg.arch], **{k: v for k, v in d.items()
                                                                                        if k != "architectures"})
-    with torch.device("meta"):
+    # built on the target device (random init there is quick); not on meta + to_empty, which would
+    # leave HF's non-persistent RoPE buffers uninitialised
+    with torch.device(model.device):
         hf = transformers.AutoModelForCausalLM.from_config(hcfg, torch_dtype=model.dtype)
-    hf.to_empty(device=model.device)
-    for p in hf.parameters():
-        p.data.normal_(0, 0.02)
-    hf.eval()
-    return hf
+    return hf.eval()
 
 
 def roofline_copy_bandwidth(device) -> float:
