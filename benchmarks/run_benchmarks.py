@@ -64,7 +64,8 @@ def random_model(name, device, dtype):
 
 
 def hf_twin(model):
-    """An HF model with the same weights as ours (for the naive sampler)."""
+    """An HF model of the same shape as ours, with its own random weights (for the naive sampler:
+    speed does not depend on the values)."""
     import transformers
 
     cfg = model.config
@@ -76,7 +77,7 @@ def hf_twin(model):
     # built on the target device (random init there is quick); not on meta + to_empty, which would
     # leave HF's non-persistent RoPE buffers uninitialised
     with torch.device(model.device):
-        hf = transformers.AutoModelForCausalLM.from_config(hcfg, torch_dtype=model.dtype)
+        hf = transformers.AutoModelForCausalLM.from_config(hcfg, dtype=model.dtype)
     return hf.eval()
 
 
@@ -113,7 +114,12 @@ def plain_decode(model, n_tokens, batch, prompt_len=128, graphs=False):
         for r in range(batch):
             model.forward_cached(x[r:r + 1], cache, rows=r, last_only=True)
         tok = torch.zeros(batch, 1, dtype=torch.int64, device=model.device)
-        step = (lambda t: dec.step(t[:, 0], batch)[:, None]) if dec else (lambda t: model.forward_cached(t, cache))
+        def step(t):
+            if dec is None:
+                return model.forward_cached(t, cache)
+            pos = torch.tensor(cache.host_lengths[:batch], device=t.device)
+            return dec.step(t[:, 0], pos, batch)[:, None]
+
         for _ in range(3):  # warm-up (and graph capture)
             step(tok)
         synchronize(model.device)
@@ -146,6 +152,9 @@ def mcmc_run(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs=Fals
     else:
         s = PowerSampler(model_or_hf, tok, eos_token_ids=eos, cuda_graphs=cuda_graphs)
         kw = {"max_batch": n}
+        # warm-up outside the timing: Triton compilation, CUDA-graph captures of the first buckets
+        s.generate(prompts, n=min(n, 2), progress=False, seed=1, **dict(settings, max_new_tokens=8, block_size=4),
+                   **kw)
     synchronize(s.model.device if hasattr(s.model, "device") else "cpu")
     t = time.perf_counter()
     res = s.generate(prompts, n=n, progress=False, seed=0, **settings, **kw)
@@ -273,6 +282,7 @@ def main(argv=None):
             hf = hf_twin(model)
             prompt = torch.randint(0, 1000, (128,)).tolist()
             bench_model(name + " (random init)", model, hf, None, prompt, args, rows)
+            write(rows, args, Path(args.out))  # after every model: a run cut short keeps what it measured
             del model, hf
             torch.cuda.empty_cache()
     if not rows:

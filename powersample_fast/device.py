@@ -44,7 +44,9 @@ def free_memory_bytes(device) -> int:
     (Linux sysconf; a large number where unknown)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        # the caching allocator's reserved-but-unused blocks are free for us too
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     try:
         import os
 

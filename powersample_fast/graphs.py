@@ -48,17 +48,17 @@ class DecodeGraphs:
     def _fn(self, B: int, kv_len: int):
         return lambda: self.model.cached_core(self.tok[:B], self.pos[:B], self.cache, slice(0, B), kv_len, None)[:, 0]
 
-    def step(self, feed: torch.Tensor, B: int) -> torch.Tensor:
-        """One decode position for rows 0..B-1 (B as returned by `batch_size`): feed[b] (a device
-        int64 tensor [B]) at each row's current length. Returns logits [B, V] (a static buffer,
-        valid until the next step)."""
+    def step(self, feed: torch.Tensor, start_pos: torch.Tensor, B: int) -> torch.Tensor:
+        """One decode position for rows 0..B-1 (B as returned by `batch_size`): feed[b] at each
+        row's current length start_pos[b] (device int64 tensors [B]; start_pos must equal the
+        cache's host lengths). Returns logits [B, V] (a static buffer, valid until the next step)."""
         start = self.cache.host_lengths[:B]
         kv_len = max(start) + 1
         self.model._check_len(kv_len)
         if kv_len > self.cache.max_len:
             raise ConfigError(f"KV cache holds {self.cache.max_len} positions but {kv_len} are needed")
         self.tok[:B, 0].copy_(feed)
-        self.pos[:B, 0].copy_(torch.tensor(start, dtype=torch.int64), non_blocking=True)
+        self.pos[:B, 0].copy_(start_pos)
         key = (B, self._kv_len(kv_len))
         if not self.use_graphs:
             out = self._fn(*key)()

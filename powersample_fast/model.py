@@ -200,12 +200,12 @@ class Attention(nn.Module):
             vc[b_idx, :, p_idx] = v.transpose(1, 2).to(vc.dtype)
             # GQA without expanding K/V: the G query heads of a kv head become G*T query rows
             # (HF's repeat_kv maps query head h to kv head h // G), so SDPA's masked kernels read
-            # each cached K/V once.
+            # each cached K/V once. mask: additive [B, 1, G*T, kv_len], built once per forward.
             G = cfg.n_heads // cfg.n_kv_heads
             qg = q.reshape(B, cfg.n_kv_heads, G * T, hd)  # [B, H_kv, G*T, D]
-            mg = mask if G == 1 else mask[:, :, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len)
-            o = F.scaled_dot_product_attention(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mg)
-            o = o.view(B, cfg.n_heads, T, hd)  # [B, H, T, D]
+            o = F.scaled_dot_product_attention(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
+            # reshape, not view: CUDA's memory-efficient kernel returns a transposed layout
+            o = o.reshape(B, cfg.n_heads, T, hd)  # [B, H, T, D]
         return self.wo(o.transpose(1, 2).reshape(B, T, cfg.n_heads * hd))
 
 
@@ -308,10 +308,12 @@ class Transformer(nn.Module):
         cache: "KVCache",
         rows: Union[slice, int] = None,
         last_only: bool = False,
+        start_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Prefill or decode with the KV cache. tokens: [B, T] appended at each row's current length
         (per-row positions), cache rows `rows` (a slice of B rows, default the first B; an int r means
-        slice(r, r+1)). Returns logits [B, T, V] (or [B, 1, V] with last_only)."""
+        slice(r, r+1)). Returns logits [B, T, V] (or [B, 1, V] with last_only). `start_pos` [B]: the
+        rows' current lengths already on the device (saves a host->device copy; must equal them)."""
         B, T = tokens.shape
         if rows is None:
             rows = slice(0, B)
@@ -325,7 +327,7 @@ class Transformer(nn.Module):
         if kv_len > cache.max_len:
             raise ConfigError(f"KV cache holds {cache.max_len} positions but {kv_len} are needed; allocate a larger cache")
         dev = tokens.device
-        start_t = torch.tensor(start, dtype=torch.int64, device=dev)
+        start_t = start_pos if start_pos is not None else torch.tensor(start, dtype=torch.int64, device=dev)
         pos = start_t[:, None] + torch.arange(T, device=dev)[None]  # pos: [B, T]
         logits = self.cached_core(tokens, pos, cache, rows, kv_len, kv_len - 1, last_only)
         cache.advance(rows, T)
@@ -339,9 +341,13 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         dev = tokens.device
         b_idx = torch.arange(B, device=dev)[:, None].expand(B, T)
-        # mask: [B, 1, T, kv_len], key j visible to query (b, i) iff j <= pos[b, i]
-        mask = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
         x = self.tok_embeddings(tokens)
+        # key j visible to query (b, i) iff j <= pos[b, i]; rows repeated for the G query heads of a
+        # kv head (see Attention) -> additive mask [B, 1, G*T, kv_len] in the activation dtype
+        G = self.config.n_heads // self.config.n_kv_heads
+        visible = torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None]  # [B, T, kv_len]
+        visible = visible[:, None].expand(B, G, T, kv_len).reshape(B, 1, G * T, kv_len)
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=dev).masked_fill_(~visible, float("-inf"))
         cos, sin = self._rope(pos, max_pos, x.dtype)
         write = (rows, b_idx, pos, kv_len)
         for i, layer in enumerate(self.layers):

@@ -311,7 +311,7 @@ class _Run:
                 self.feed[b] = 0
                 self.row_prompt[b] = None
         # one host->device copy per step: tokens to feed, random keys (chain seed, draws so far),
-        # and where each sampled token goes: (phase buffer, position)
+        # where each sampled token goes (phase buffer, position), and the rows' KV lengths
         keys, ph, pos = [0] * B, [0] * B, [0] * B
         for b in active:
             c = self.slots[b]
@@ -319,11 +319,13 @@ class _Run:
             ph[b], pos[b] = c.phase, len(c.work)
         t = time.perf_counter()
         with record_function("decode"):
-            inp = torch.tensor([self.feed[:B], keys, ph, pos], dtype=torch.int64).to(self.dev, non_blocking=True)
+            lengths = self.cache.host_lengths[:B]
+            inp = torch.tensor([self.feed[:B], keys, ph, pos, lengths], dtype=torch.int64).to(self.dev)
             if self.decoder is not None:
-                logits = self.decoder.step(inp[0], B)  # [B, V]
+                logits = self.decoder.step(inp[0], inp[4], B)  # [B, V]
             else:
-                logits = self.model.forward_cached(inp[0, :, None], self.cache, rows=slice(0, B))[:, 0]  # [B, V]
+                logits = self.model.forward_cached(inp[0, :, None], self.cache, rows=slice(0, B),
+                                                   start_pos=inp[4])[:, 0]  # [B, V]
         with record_function("sample"):
             thr = ops.topk_threshold(logits, p.top_k)
             tok, lp, lq = ops.sample_logprobs(logits, inp[1], self.inv_tau, thr)

@@ -102,7 +102,7 @@ def test_logits_match_transformers(model_dir):
     import powersample_fast
     from transformers import AutoModelForCausalLM
 
-    model, tok = powersample_fast.load(model_dir, dtype=torch.float32)
+    model, tok = powersample_fast.load(model_dir, device="cpu", dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     for prompt in PROMPTS:
         ids = torch.tensor([tok(prompt)["input_ids"]])  # ids: [1, T]

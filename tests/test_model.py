@@ -62,7 +62,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("legacy", [False, True], ids=["cfg5x", "cfg4x"])
 def test_logits_match_transformers(tmp_path, name, legacy):
     d, ref_model = _save(tmp_path, name, legacy=legacy)
-    model, tok = pf.load(d, dtype=torch.float32)
+    model, tok = pf.load(d, device="cpu", dtype=torch.float32)
     assert tok is None
     T = 50 if name == "phi3_longrope" else 37  # 50 > original 32: exercises longrope's long factors
     ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
@@ -77,7 +77,7 @@ def test_logits_match_transformers(tmp_path, name, legacy):
 def test_sharded_checkpoint(tmp_path):
     d, ref_model = _save(tmp_path, "qwen2", shard=True)
     assert (d / "model.safetensors.index.json").exists()
-    model, _ = pf.load(d, dtype=torch.float32)
+    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
     ids = torch.randint(0, 97, (1, 11))
     with torch.no_grad():
         assert _rel(model(ids), ref_model(ids).logits) <= 1e-4
@@ -86,7 +86,7 @@ def test_sharded_checkpoint(tmp_path):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "phi3"])
 def test_cached_decode_equals_full_forward(tmp_path, name):
     d, _ = _save(tmp_path, name)
-    model, _ = pf.load(d, dtype=torch.float32)
+    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
     ids = torch.randint(0, 97, (3, 30), generator=torch.Generator().manual_seed(2))
     full = model(ids)
     cache = pf.KVCache(model.config, 3, 40)
@@ -109,7 +109,7 @@ def test_cached_decode_equals_full_forward(tmp_path, name):
 
 def test_truncate_and_fork_then_decode(tmp_path):
     d, _ = _save(tmp_path, "llama")
-    model, _ = pf.load(d, dtype=torch.float32)
+    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 97, (1, 24), generator=g)
     alt = torch.randint(0, 97, (1, 10), generator=g)
@@ -136,10 +136,10 @@ def test_truncate_and_fork_then_decode(tmp_path):
 
 def test_bf16_within_bf16_error(tmp_path):
     d, _ = _save(tmp_path, "llama")
-    m32, _ = pf.load(d, dtype=torch.float32)
-    m16, _ = pf.load(d, dtype="bfloat16")
+    m32, _ = pf.load(d, device="cpu", dtype=torch.float32)
+    m16, _ = pf.load(d, device="cpu", dtype="bfloat16")
     assert m16.tok_embeddings.weight.dtype == torch.bfloat16 and m16.inv_freq.dtype == torch.float32
-    assert pf.load(d)[0].to(torch.bfloat16).inv_freq.dtype == torch.float32  # RoPE tables stay fp32
+    assert pf.load(d, device="cpu")[0].to(torch.bfloat16).inv_freq.dtype == torch.float32  # RoPE tables stay fp32
     ids = torch.randint(0, 97, (2, 20))
     ref = m32(ids)
     out = m16(ids)
@@ -222,7 +222,7 @@ def test_error_unsupported_dtype(tmp_path):
 
 def test_error_sequence_longer_than_context(tmp_path):
     d, _ = _save(tmp_path, "llama")
-    model, _ = pf.load(d)
+    model, _ = pf.load(d, device="cpu")
     with pytest.raises(ConfigError, match="longer than the model's context"):
         model(torch.zeros(1, 129, dtype=torch.long))
     cache = pf.KVCache(model.config, 1, 200)
@@ -245,7 +245,7 @@ def test_static_core_equals_forward_cached(tmp_path, name):
     on the device: longrope switches to long factors past 32 positions here) equals the eager
     `forward_cached` step by step."""
     d, _ = _save(tmp_path, name)
-    model, _ = pf.load(d, dtype=torch.float32)
+    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
     if name == "phi3_longrope":
         assert model.rope_switch == 32 and model.attention_scaling > 1.0
     ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(5))

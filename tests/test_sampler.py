@@ -22,7 +22,7 @@ def tiny(tmp_path_factory):
         p.data.normal_(0, 0.3)
     d = tmp_path_factory.mktemp("tiny")
     m.save_pretrained(d)
-    model, _ = pf.load(d, dtype=torch.float32)
+    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
     return model, m
 
 
