@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     except PowerSampleError as e:
         print(f"powersample-fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("powersample-fast: interrupted", file=sys.stderr)
+        return 130
     for r in results:
         if args.json:
             print(json.dumps(r.to_dict()))

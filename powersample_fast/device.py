@@ -18,6 +18,25 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def resolve_device(device) -> torch.device:
+    """torch.device from a string/device, or the default; a clear error for unknown or unavailable ones."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"invalid device {device!r} ({e}); use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available to this torch "
+                              f"({torch.__version__}); use device='cpu' or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ConfigError(f"unsupported device type {dev.type!r}; use 'cpu' or 'cuda'")
+    return dev
+
+
 def default_dtype(device) -> torch.dtype:
     """bfloat16 on CUDA, float32 elsewhere."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

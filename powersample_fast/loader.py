@@ -13,7 +13,7 @@ from typing import Dict, Iterator, Tuple, Union
 
 import torch
 
-from .device import default_device, default_dtype, resolve_dtype
+from .device import default_dtype, resolve_device, resolve_dtype
 from .errors import ModelLoadError
 from .model import ModelConfig, Transformer
 
@@ -210,7 +210,7 @@ def load_model(path: Union[str, os.PathLike], device=None, dtype=None) -> Transf
         raise ModelLoadError(f"model directory {path} does not exist; pass an HF-format directory or 'default'")
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a directory; pass an HF-format model directory")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
     cfg = ModelConfig.from_hf(_read_config(path))
     gen_cfg = path / "generation_config.json"

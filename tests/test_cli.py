@@ -61,7 +61,9 @@ def test_profile_trace(model_dir, tmp_path, capsys):
     (["--alpha", "0"], "alpha must be"),
     (["--model", "/nonexistent/dir"], "does not exist"),
     (["--top-k", "0"], "top_k"),
-])
+    (["--device", "tpu"], "device"),
+    (["--dtype", "int4"], "unsupported dtype"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_errors_are_one_line(model_dir, capsys, args, match):
     base = ["sample", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4", "--no-progress"]
     rc = cli.main(base + args)
