@@ -76,6 +76,8 @@ def chain_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
 
 def normalize_prompts(prompts, tokenizer, chat: bool = False) -> List[List[int]]:
     """str | list[str] | list[int] | list[list[int]] -> list of token-id lists (validated)."""
+    if hasattr(prompts, "tolist") and not isinstance(prompts, (list, tuple, str)):  # torch / numpy ids
+        prompts = prompts.tolist()
     if isinstance(prompts, str):
         prompts = [prompts]
     elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(x, int) for x in prompts):

@@ -274,3 +274,13 @@ def test_batch_fits_free_memory(tiny, monkeypatch):
     monkeypatch.setattr(smod, "free_memory_bytes", lambda dev: per_slot // 2)
     with pytest.raises(ConfigError, match="one chain needs .* GiB of KV cache"):
         s.generate([[1, 2, 3]], max_new_tokens=20, progress=False)
+
+
+def test_token_id_tensor_prompts(tiny):
+    model, _ = tiny
+    kw = dict(max_new_tokens=6, block_size=3, mcmc_steps=1, seed=0, progress=False)
+    a = PowerSampler(model).generate([[1, 2, 3], [4, 5, 6]], **kw)
+    b = PowerSampler(model).generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), **kw)
+    c = PowerSampler(model).generate(torch.tensor([1, 2, 3]), **kw)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert c[0].token_ids == a[0].token_ids
