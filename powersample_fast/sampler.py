@@ -34,6 +34,7 @@ from .params import SamplingParams, chain_seed, normalize_prompts, resolve_seed
 from .types import SampleResult
 
 EXTEND, PROPOSE = 0, 1
+PHASES = ("prefill_s", "decode_s", "accept_s", "kv_copy_s")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class _Chain:
     positions: int = 0  # model positions computed for this chain (prefill + decode)
     prefilled: int = 0
     t0: float = 0.0
+    phase_s: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # its share of each phase
 
 
 class PowerSampler:
@@ -171,9 +173,16 @@ class _Run:
         self.feed = [0] * S  # token each slot feeds at its next decode step
         self.inv_tau = 1.0 / p.tau
         self.results: List[SampleResult] = []
-        self.times = {"prefill_s": 0.0, "decode_s": 0.0, "accept_s": 0.0, "kv_copy_s": 0.0}
+        self.times = dict.fromkeys(PHASES, 0.0)
         self.progress = progress
         self.bar = None
+
+    def charge(self, phase: str, t_start: float, chains: List[_Chain]):
+        """Add the time since t_start to `phase`, and an equal share of it to each chain served."""
+        dt = time.perf_counter() - t_start
+        self.times[phase] += dt
+        for c in chains:
+            c.phase_s[phase] += dt / len(chains)
 
     # -------------------------------------------------------------- chain lifecycle
     def admit(self, b: int):
@@ -201,7 +210,7 @@ class _Run:
             c.positions += P - 1
             c.prefilled += P
         self.row_prompt[b] = key
-        self.times["prefill_s"] += time.perf_counter() - t
+        self.charge("prefill_s", t, [c])
         self.start_extend(b, c)
 
     def start_extend(self, b: int, c: _Chain):
@@ -234,7 +243,7 @@ class _Run:
             finished_by_eos=bool(c.tokens) and c.tokens[-1] in self.s.eos,
             stats={"tokens_sampled": c.sampled, "tokens_decoded": c.sampled, "tokens_prefilled": c.prefilled,
                    "positions_computed": c.positions, "prompt_tokens": len(c.prompt),
-                   "wall_s": time.perf_counter() - c.t0},
+                   "wall_s": time.perf_counter() - c.t0, **c.phase_s},
         ))
         self.slots[b] = None  # the row keeps its K/V (and length): a sibling may fork its prompt
         if self.bar is not None:
@@ -335,7 +344,7 @@ class _Run:
             self.lq.index_put_(idx, lq)
             ok = torch.isfinite(lp) & torch.isfinite(lq)
             host = torch.where(ok, tok, -1).tolist()  # the one host sync per step
-        self.times["decode_s"] += time.perf_counter() - t
+        self.charge("decode_s", t, [self.slots[b] for b in active])
 
         ended_prop, backups = [], []
         for b in active:
@@ -363,7 +372,7 @@ class _Run:
             t = time.perf_counter()
             with record_function("fork"):
                 self.cache.copy_range(*zip(*backups))
-            self.times["kv_copy_s"] += time.perf_counter() - t
+            self.charge("kv_copy_s", t, [self.slots[b[0]] for b in backups])
         for b in range(S):  # refill finished slots from the queue
             if self.slots[b] is None and self.queue:
                 self.admit(b)
@@ -403,7 +412,7 @@ class _Run:
             fs = torch.tensor([m[1] for m in moves], device=self.dev)
             for buf in (self.tok, self.lp, self.lq):
                 buf[:, fs] = buf[:, hs]
-        self.times["kv_copy_s"] += time.perf_counter() - t
+        self.charge("kv_copy_s", t, [m[2] for m in moves])
         self.n_moves += len(moves)
 
     def accept(self, rows: List[int], backups: list):
@@ -431,11 +440,11 @@ class _Run:
                 restores.append((self.S + b, b, P + c.cut, tlen - 1 - c.cut))
             self.cache.host_lengths[b] = P + len(c.tokens) - 1
             c.steps_done += 1
-        self.times["accept_s"] += time.perf_counter() - t0
+        self.charge("accept_s", t0, cs)
         if restores:
             t1 = time.perf_counter()
             with record_function("fork"):
                 self.cache.copy_range(*zip(*restores))
-            self.times["kv_copy_s"] += time.perf_counter() - t1
+            self.charge("kv_copy_s", t1, [self.slots[r[1]] for r in restores])
         for b, c in zip(rows, cs):
             self.after_state(b, c, backups)

@@ -284,3 +284,14 @@ def test_token_id_tensor_prompts(tiny):
     c = PowerSampler(model).generate(torch.tensor([1, 2, 3]), **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert c[0].token_ids == a[0].token_ids
+
+
+def test_per_sample_phase_times_add_up(tiny):
+    model, _ = tiny
+    s = PowerSampler(model)
+    res = s.generate([[1, 2, 3], [4, 5]], max_new_tokens=30, block_size=8, mcmc_steps=3, n=2, seed=5,
+                     progress=False, max_batch=3)
+    for k in ("prefill_s", "decode_s", "accept_s", "kv_copy_s"):
+        assert all(r.stats[k] >= 0 for r in res)
+        assert sum(r.stats[k] for r in res) == pytest.approx(s.last_stats[k], rel=1e-9, abs=1e-12)
+    assert all(r.stats["decode_s"] > 0 for r in res)
