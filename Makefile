@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= A train travels 60 km in 45 minutes. What is its average speed in km/h? Think step by step.
 RUN_ARGS ?= --max-new-tokens 192 --block-size 64 --steps 4 --n 2 --seed 0
+EXTRA_ARGS ?=
 
 .PHONY: run test bench-cpu clean-venv
 
 run: $(VENV)/.installed
-	$(PY) -m powersample_fast.cli sample --model default --chat --prompt "$(PROMPT)" $(RUN_ARGS) --stats
+	$(PY) -m powersample_fast.cli sample --model default --chat --prompt "$(PROMPT)" $(RUN_ARGS) $(EXTRA_ARGS) --stats
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

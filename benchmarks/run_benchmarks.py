@@ -3,8 +3,9 @@
     python benchmarks/run_benchmarks.py --cpu-default            # real SmolLM2-135M on CPU
     python benchmarks/run_benchmarks.py --gpu [--models qwen2.5-1.5b,...] [--out DIR]   # random-init real shapes
 
-Writes `<out>/<device>.md` and `.json` (device, versions, command, table). Timings are medians of
-`--repeats` runs after a warm-up; nothing here is a pass/fail test.
+Writes `<out>/<device>.md` and `.json` (device, versions, command, table). Each MCMC row is one timed
+run after a short warm-up call (Triton compilation, graph capture, allocator); "s_per_sample" is the
+call's wall time divided by its samples (amortised over the batch). Nothing here is a pass/fail test.
 """
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ def mcmc_run(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs=Fals
 
         s = NaiveSampler(model_or_hf, tok, eos_token_ids=eos)
         kw = {}
+        s.generate(prompts, n=1, progress=False, seed=1, **dict(settings, max_new_tokens=8, block_size=4))  # warm-up
     else:
         s = PowerSampler(model_or_hf, tok, eos_token_ids=eos, cuda_graphs=cuda_graphs)
         kw = {"max_batch": n}

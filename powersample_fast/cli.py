@@ -41,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
 def _profiler(path, nvtx=False):
     import torch
 
-    if nvtx and torch.cuda.is_available():
+    if nvtx:
+        if not torch.cuda.is_available():
+            print("powersample-fast: --nvtx ignored: NVTX ranges need CUDA", file=sys.stderr)
+            return nullcontext()
         # record_function ranges become NVTX ranges for nsys / Nsight Systems
         return torch.autograd.profiler.emit_nvtx()
     if path is None:
@@ -54,7 +57,10 @@ def _profiler(path, nvtx=False):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.nvtx and args.profile:
+        ap.error("--nvtx and --profile are exclusive: NVTX ranges are for Nsight (nsys), --profile writes a torch trace")
     try:
         from . import ops
         from .loader import load

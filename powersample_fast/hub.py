@@ -220,7 +220,12 @@ def _convert(gguf_path: Path, out: Path, progress: bool) -> None:
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
     except Exception as e:  # transformers raises many kinds; all mean "this GGUF did not load"
-        raise ModelLoadError(f"transformers could not load {gguf_path}: {type(e).__name__}: {e}") from e
+        import importlib.util
+
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        hint = (f" (missing package(s): {', '.join(missing)}; run pip install -e '.[gguf]' or "
+                f"pip install {' '.join(missing)})") if missing else ""
+        raise ModelLoadError(f"transformers could not load {gguf_path}{hint}: {type(e).__name__}: {e}") from e
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

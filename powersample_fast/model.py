@@ -46,6 +46,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     eos_token_ids: Tuple[int, ...] = ()
     bos_token_id: Optional[int] = None
+    sliding_window: Optional[int] = None  # a query sees the last `sliding_window` positions (itself included)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -86,8 +87,9 @@ class ModelConfig:
             eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
             if d.get("mlp_bias"):
                 raise ModelLoadError("mlp_bias=true is not supported")
-            if d.get("use_sliding_window") and d.get("sliding_window"):
-                raise ModelLoadError("sliding-window attention is not supported (use_sliding_window=true)")
+            if arch == "Qwen2ForCausalLM" and d.get("use_sliding_window") and d.get("sliding_window"):
+                raise ModelLoadError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+            window = d.get("sliding_window") if arch in ("MistralForCausalLM", "Phi3ForCausalLM") else None
             is_qwen = arch == "Qwen2ForCausalLM"
             attn_bias = bool(d.get("attention_bias", False))
             return cls(
@@ -110,6 +112,7 @@ class ModelConfig:
                 tie_embeddings=bool(d.get("tie_word_embeddings", False)),
                 eos_token_ids=tuple(int(e) for e in eos),
                 bos_token_id=d.get("bos_token_id"),
+                sliding_window=int(window) if window else None,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json is missing the required key {e.args[0]!r}") from None
@@ -191,8 +194,9 @@ class Attention(nn.Module):
         v = v.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
         q = apply_rope(q, cos, sin, cfg.rotary_dim)
         k = apply_rope(k, cos, sin, cfg.rotary_dim)
-        if kv is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+        if kv is None:  # full causal forward; mask is None (causal) or a sliding-window mask [T, T]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask,
+                                               enable_gqa=cfg.n_heads != cfg.n_kv_heads)
         else:
             rows, b_idx, p_idx, kv_len = write
             kc, vc = kv[0, rows], kv[1, rows]  # [B, H_kv, S, D] views (rows is a slice)
@@ -298,8 +302,12 @@ class Transformer(nn.Module):
         pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         x = self.tok_embeddings(input_ids)
         cos, sin = self._rope(pos, T - 1, x.dtype)
+        mask = None
+        if self.config.sliding_window is not None and self.config.sliding_window < T:
+            i = torch.arange(T, device=input_ids.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.config.sliding_window)
         for layer in self.layers:
-            x = layer(x, cos, sin, None, None, None)
+            x = layer(x, cos, sin, None, None, mask)
         return self._logits(x)
 
     def forward_cached(
@@ -345,7 +353,10 @@ class Transformer(nn.Module):
         # key j visible to query (b, i) iff j <= pos[b, i]; rows repeated for the G query heads of a
         # kv head (see Attention) -> additive mask [B, 1, G*T, kv_len] in the activation dtype
         G = self.config.n_heads // self.config.n_kv_heads
-        visible = torch.arange(kv_len, device=dev)[None, None, :] <= pos[:, :, None]  # [B, T, kv_len]
+        j = torch.arange(kv_len, device=dev)[None, None, :]
+        visible = j <= pos[:, :, None]  # [B, T, kv_len]
+        if self.config.sliding_window is not None:
+            visible &= j > pos[:, :, None] - self.config.sliding_window
         visible = visible[:, None].expand(B, G, T, kv_len).reshape(B, 1, G * T, kv_len)
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=dev).masked_fill_(~visible, float("-inf"))
         cos, sin = self._rope(pos, max_pos, x.dtype)

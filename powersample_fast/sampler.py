@@ -104,8 +104,11 @@ class PowerSampler:
                            mcmc_steps=mcmc_steps, proposal_temperature=proposal_temperature, top_k=top_k,
                            index=index, n=n, seed=seed)
         ids = normalize_prompts(prompts, self.tokenizer, chat=chat)
-        ctx = self.model.config.max_seq_len
+        ctx, V = self.model.config.max_seq_len, self.model.config.vocab_size
         for i, pr in enumerate(ids):
+            bad = [x for x in pr if not 0 <= x < V]
+            if bad:
+                raise ConfigError(f"prompt {i} has token id(s) outside the vocabulary [0, {V}): {bad[:5]}")
             if len(pr) + p.max_new_tokens > ctx:
                 raise ConfigError(
                     f"prompt {i} has {len(pr)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds the "

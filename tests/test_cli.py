@@ -54,7 +54,6 @@ def test_profile_trace(model_dir, tmp_path, capsys):
     assert rc == 0
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"prefill", "decode", "sample", "accept"} <= names
-    ops.set_backend("auto")
 
 
 @pytest.mark.parametrize("args,match", [
@@ -69,3 +68,41 @@ def test_errors_are_one_line(model_dir, capsys, args, match):
     rc = cli.main(base + args)
     err = capsys.readouterr().err
     assert rc == 2 and match in err and "Traceback" not in err
+
+
+def test_flags_reach_generate(model_dir, monkeypatch, capsys):
+    """Every sampling flag is passed through to PowerSampler.generate / the constructor."""
+    from powersample_fast import sampler as smod
+
+    seen = {}
+
+    def fake_generate(self, prompts, **kw):
+        seen.update(kw, prompts=prompts, cuda_graphs=self.cuda_graphs)
+        return []
+
+    monkeypatch.setattr(smod.PowerSampler, "generate", fake_generate)
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--prompt", "b", "--alpha", "2.5",
+                   "--steps", "7", "--block-size", "33", "--max-new-tokens", "99", "--temperature", "0.7",
+                   "--n", "3", "--seed", "5", "--top-k", "4", "--index", "last_block", "--max-batch", "6",
+                   "--cuda-graphs", "--no-progress", "--chat", "--backend", "torch"])
+    ops.set_backend("auto")  # --backend sets a process-wide choice
+    assert rc == 0
+    assert seen == dict(prompts=["a", "b"], alpha=2.5, mcmc_steps=7, block_size=33, max_new_tokens=99,
+                        proposal_temperature=0.7, n=3, seed=5, top_k=4, index="last_block", max_batch=6,
+                        chat=True, progress=False, cuda_graphs=True)
+
+
+def test_ctrl_c_exits_cleanly(model_dir, monkeypatch, capsys):
+    from powersample_fast import sampler as smod
+
+    def interrupted(self, prompts, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(smod.PowerSampler, "generate", interrupted)
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--no-progress"])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_nvtx_and_profile_are_exclusive(model_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--nvtx", "--profile", str(tmp_path / "t.json")])

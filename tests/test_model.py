@@ -30,6 +30,9 @@ CASES = {
     "phi3_longrope": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "rope_scaling": LONGROPE,
                                                           "original_max_position_embeddings": 32}),
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+    "mistral_window": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 8}),
+    "phi3_window_partial": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "sliding_window": 11,
+                                                                "partial_rotary_factor": 0.5}),
 }
 
 
@@ -83,7 +86,7 @@ def test_sharded_checkpoint(tmp_path):
         assert _rel(model(ids), ref_model(ids).logits) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "mistral_window"])
 def test_cached_decode_equals_full_forward(tmp_path, name):
     d, _ = _save(tmp_path, name)
     model, _ = pf.load(d, device="cpu", dtype=torch.float32)
@@ -258,3 +261,28 @@ def test_static_core_equals_forward_cached(tmp_path, name):
                                 max_pos=None)
         static.advance(slice(0, 2), 1)
         assert _rel(out, ref) <= 1e-5
+
+
+def test_qwen2_sliding_window_rejected(tmp_path):
+    d, _ = _save(tmp_path, "qwen2")
+    c = json.loads((d / "config.json").read_text())
+    c.update(use_sliding_window=True, sliding_window=16)
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ModelLoadError, match="sliding-window attention .* not supported"):
+        pf.load(d)
+
+
+def test_su_rope_alias_and_float16(tmp_path):
+    d, ref_model = _save(tmp_path, "phi3_longrope")
+    c = json.loads((d / "config.json").read_text())
+    (c.get("rope_parameters") or c["rope_scaling"])["rope_type"] = "su"  # early Phi-3 configs
+    (d / "config.json").write_text(json.dumps(c))
+    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
+    assert model.config.rope_type == "longrope"
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    assert _rel(model(ids), ref) <= 1e-4
+    m16, _ = pf.load(d, device="cpu", dtype="float16")
+    assert m16.tok_embeddings.weight.dtype == torch.float16
+    assert _rel(m16(ids), ref) <= 0.02  # fp16: 11 mantissa bits
