@@ -16,6 +16,7 @@ import torch
 from .device import default_dtype, resolve_device, resolve_dtype
 from .errors import ModelLoadError
 from .model import ModelConfig, Transformer
+from .params import merge_eos_ids
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -195,10 +196,7 @@ def from_hf_model(hf_model, device=None, dtype=None) -> Transformer:
         d["architectures"] = [type(hf_model).__name__]
     cfg = ModelConfig.from_hf(d)
     gen = getattr(hf_model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is not None:
-        extra = eos if isinstance(eos, (list, tuple)) else [eos]
-        cfg.eos_token_ids = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
+    cfg.eos_token_ids = merge_eos_ids(cfg.eos_token_ids, getattr(gen, "eos_token_id", None))
     items = ((k, v.detach()) for k, v in hf_model.state_dict().items())
     sd = load_state_dict(f"<{type(hf_model).__name__} in memory>", cfg, dtype, device, tensors=items)
     return _build(cfg, sd, device)
@@ -219,9 +217,7 @@ def load_model(path: Union[str, os.PathLike], device=None, dtype=None) -> Transf
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
         except (OSError, json.JSONDecodeError):
             eos = None
-        if eos is not None:
-            extra = eos if isinstance(eos, list) else [eos]
-            cfg.eos_token_ids = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
+        cfg.eos_token_ids = merge_eos_ids(cfg.eos_token_ids, eos)
     return _build(cfg, load_state_dict(path, cfg, dtype, device), device)
 
 
@@ -252,8 +248,5 @@ def load(path_or_name: Union[str, os.PathLike] = "default", device=None, dtype=N
     model = load_model(path_or_name, device=device, dtype=dtype)
     tok = load_tokenizer(path_or_name)
     if tok is not None:
-        eos = list(model.config.eos_token_ids)
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(int(tok.eos_token_id))
-        model.config.eos_token_ids = tuple(eos)
+        model.config.eos_token_ids = merge_eos_ids(model.config.eos_token_ids, tok.eos_token_id)
     return model, tok

@@ -23,27 +23,16 @@ from typing import List, Optional, Tuple
 import torch
 
 from .errors import ConfigError, ModelLoadError, NonFiniteLogitsError
-from .params import SamplingParams, chain_seed, normalize_prompts, resolve_seed
+from .params import SamplingParams, chain_seed, merge_eos_ids, normalize_prompts, resolve_seed
+from .reference import topk_threshold
 from .types import SampleResult
 
 
-def _collect_eos(*sources) -> List[int]:
-    out: List[int] = []
-    for src in sources:
-        if src is None:
-            continue
-        for e in [src] if isinstance(src, int) else list(src):
-            if e is not None and int(e) not in out:
-                out.append(int(e))
-    return out
-
-
 def _mask_top_k(z: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
-    # HF TopKLogitsWarper: drop logits strictly below the k-th largest (ties at the threshold kept).
-    if top_k is None or top_k >= z.shape[-1]:
-        return z
-    kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
-    return z.masked_fill(z < kth, float("-inf"))
+    # HF TopKLogitsWarper and reference.topk_threshold: drop logits strictly below the k-th largest
+    # (ties at the threshold kept).
+    thr = topk_threshold(z, top_k)
+    return z if thr is None else z.masked_fill(z < thr[:, None], float("-inf"))
 
 
 class NaiveSampler:
@@ -61,12 +50,12 @@ class NaiveSampler:
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             gen_cfg = getattr(model, "generation_config", None)
-            eos_token_ids = _collect_eos(
+            eos_token_ids = merge_eos_ids(
                 getattr(gen_cfg, "eos_token_id", None),
                 getattr(model.config, "eos_token_id", None),
                 getattr(tokenizer, "eos_token_id", None),
             )
-        self.eos_token_ids = _collect_eos(eos_token_ids)
+        self.eos_token_ids = list(merge_eos_ids(eos_token_ids))
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.vocab_size = int(text_cfg.vocab_size)
         self.max_positions = getattr(text_cfg, "max_position_embeddings", None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError
 
@@ -56,6 +56,16 @@ class SamplingParams:
     def stage_limit(self, k: int) -> int:
         """L_k for stage k = 1..K."""
         return min(k * self.block_size, self.max_new_tokens)
+
+
+def merge_eos_ids(*sources) -> Tuple[int, ...]:
+    """EOS ids from several sources (each None, an int, or a list of ints), deduplicated in order."""
+    out: List[int] = []
+    for src in sources:
+        for e in ([] if src is None else [src] if isinstance(src, int) else list(src)):
+            if e is not None and int(e) not in out:
+                out.append(int(e))
+    return tuple(out)
 
 
 def resolve_seed(seed: Optional[int]) -> int:
