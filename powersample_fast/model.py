@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config_check import SUPPORTED_ACTIVATIONS, check_hf_config
 from .errors import ConfigError, ModelLoadError
 
 SUPPORTED_ARCHITECTURES = (
@@ -47,6 +48,7 @@ class ModelConfig:
     eos_token_ids: Tuple[int, ...] = ()
     bos_token_id: Optional[int] = None
     sliding_window: Optional[int] = None  # a query sees the last `sliding_window` positions (itself included)
+    hidden_act: str = "silu"  # MLP activation: act(gate) * up (config_check.SUPPORTED_ACTIVATIONS)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -60,8 +62,12 @@ class ModelConfig:
         self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
-    def from_hf(cls, d: dict) -> "ModelConfig":
-        """Build from an HF `config.json` dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from an HF `config.json` dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`);
+        `source` (the file) is named in errors."""
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{source} must hold a JSON object (got {type(d).__name__}); "
+                                 "pass an HF-format model directory")
         archs = d.get("architectures") or []
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}.get(
@@ -71,6 +77,7 @@ class ModelConfig:
                 f"unsupported architecture {arch or d.get('model_type')!r}; supported: "
                 + ", ".join(SUPPORTED_ARCHITECTURES)
             )
+        check_hf_config(d, source)
         try:
             dim = int(d["hidden_size"])
             n_heads = int(d["num_attention_heads"])
@@ -113,6 +120,7 @@ class ModelConfig:
                 eos_token_ids=tuple(int(e) for e in eos),
                 bos_token_id=d.get("bos_token_id"),
                 sliding_window=int(window) if window else None,
+                hidden_act=d.get("hidden_act", "silu"),
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json is missing the required key {e.args[0]!r}") from None
@@ -213,6 +221,19 @@ class Attention(nn.Module):
         return self.wo(o.transpose(1, 2).reshape(B, T, cfg.n_heads * hd))
 
 
+def activation(name: str) -> nn.Module:
+    """The MLP activation named by HF's `hidden_act` (same functions as transformers' ACT2FN)."""
+    if name in ("silu", "swish"):
+        return nn.SiLU()
+    if name == "gelu":
+        return nn.GELU()  # exact (erf)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return nn.GELU(approximate="tanh")  # HF's gelu_new is the same tanh formula
+    if name == "relu":
+        return nn.ReLU()
+    raise ModelLoadError(f"unsupported hidden_act {name!r}; supported: " + ", ".join(SUPPORTED_ACTIVATIONS))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -221,11 +242,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x, cos, sin, kv, write, mask):
         h = x + self.attention(self.attention_norm(x), cos, sin, kv, write, mask)
         g, u = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
-        return h + self.w2(F.silu(g) * u)
+        return h + self.w2(self.act(g) * u)
 
 
 class Transformer(nn.Module):
