@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -12,8 +14,37 @@ INDEX_MODES = ("uniform", "last_block")
 Prompt = Union[str, Sequence[int]]
 
 
+def _is_bool(x) -> bool:
+    """Python, numpy and torch booleans (which are ints to Python but never a count or a rate)."""
+    return isinstance(x, bool) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool")
+
+
+def as_int(x) -> Optional[int]:
+    """int(x) for an integer of any kind (int, numpy integer, 0-d integer tensor: anything with
+    __index__), None for everything else, bools included."""
+    if _is_bool(x):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def as_real(x) -> Optional[float]:
+    """float(x) for a real number (int, float, numpy scalar), None for everything else, bools included."""
+    if _is_bool(x):
+        return None
+    if isinstance(x, numbers.Real):
+        return float(x)
+    i = as_int(x)
+    return None if i is None else float(i)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """Validated sampling arguments. Numbers may be any real/integer type (numpy scalars included) and
+    are stored as Python float/int; bools are rejected."""
+
     alpha: float = 4.0
     max_new_tokens: int = 3072
     block_size: int = 192
@@ -24,26 +55,40 @@ class SamplingParams:
     n: int = 1
     seed: Optional[int] = None
 
+    def _set(self, name, value):
+        object.__setattr__(self, name, value)  # frozen: normalise numpy scalars to Python numbers once
+
+    def _int(self, name, lo, label=None, hint="", optional=""):
+        v = getattr(self, name)
+        if optional and v is None:
+            return
+        i = as_int(v)
+        if i is None or i < lo:
+            raise ConfigError(f"{label or name} must be an integer >= {lo}{optional} (got {v!r}){hint}")
+        self._set(name, i)
+
     def __post_init__(self):
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+        a = as_real(self.alpha)
+        if a is None or not math.isfinite(a) or a <= 0:
             raise ConfigError(f"alpha must be a finite number > 0 (got {self.alpha!r}); the paper uses 4.0")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ConfigError(f"block_size must be an integer >= 1 (got {self.block_size!r}); the paper uses 192")
-        if not isinstance(self.mcmc_steps, int) or self.mcmc_steps < 0:
-            raise ConfigError(f"mcmc_steps must be an integer >= 0 (got {self.mcmc_steps!r})")
+        self._set("alpha", a)
+        self._int("max_new_tokens", 1)
+        self._int("block_size", 1, hint="; the paper uses 192")
+        self._int("mcmc_steps", 0)
         t = self.proposal_temperature
-        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise ConfigError(f"proposal_temperature must be > 0 or None for 1/alpha (got {t!r})")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ConfigError(f"top_k must be an integer >= 1 or None to disable (got {self.top_k!r})")
+        if t is not None:
+            tf = as_real(t)
+            if tf is None or not math.isfinite(tf) or tf <= 0:
+                raise ConfigError(f"proposal_temperature must be > 0 or None for 1/alpha (got {t!r})")
+            self._set("proposal_temperature", tf)
+        self._int("top_k", 1, optional=" or None to disable")
         if self.index not in INDEX_MODES:
             raise ConfigError(f"unknown index mode {self.index!r}; choose one of {', '.join(INDEX_MODES)}")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ConfigError(f"n (samples per prompt) must be an integer >= 1 (got {self.n!r})")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an int or None (got {self.seed!r})")
+        self._int("n", 1, label="n (samples per prompt)")
+        if self.seed is not None:
+            if as_int(self.seed) is None:
+                raise ConfigError(f"seed must be an int or None (got {self.seed!r})")
+            self._set("seed", as_int(self.seed))
 
     @property
     def tau(self) -> float:
@@ -84,24 +129,82 @@ def chain_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def normalize_prompts(prompts, tokenizer, chat: bool = False) -> List[List[int]]:
-    """str | list[str] | list[int] | list[list[int]] -> list of token-id lists (validated)."""
-    if hasattr(prompts, "tolist") and not isinstance(prompts, (list, tuple, str)):  # torch / numpy ids
-        prompts = prompts.tolist()
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_chat(tokenizer, chat: Optional[bool]) -> bool:
+    """Whether text prompts go through the chat template: `chat` itself, or for None ("auto") whether
+    the tokenizer has a template. chat=True without a template is an error."""
+    if chat is None:
+        return has_chat_template(tokenizer)
+    if chat and tokenizer is not None and not has_chat_template(tokenizer):
+        raise ConfigError("chat=True but the tokenizer has no chat template; pass chat=False (CLI: --no-chat)")
+    return bool(chat)
+
+
+def _describe(x) -> str:
+    """Type of a prompt input for error messages, with shape and dtype for arrays and tensors."""
+    name = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}" if hasattr(x, "shape") else type(x).__name__
+    if hasattr(x, "shape"):
+        return f"{name} of shape {tuple(x.shape)}, dtype {x.dtype}"
+    if isinstance(x, (list, tuple)):
+        bad = next((e for e in x if as_int(e) is None), None)
+        return f"{name} containing {type(bad).__name__} {bad!r}" if x and bad is not None else name
+    return name
+
+
+def _array_ids(x, what: str):
+    """A torch tensor / numpy array of token ids -> list (1-D) or list of lists (2-D); else an error."""
+    dtype = str(x.dtype)
+    integer = getattr(x.dtype, "kind", None) in ("i", "u") or (
+        dtype.startswith("torch.") and not x.dtype.is_floating_point and not x.dtype.is_complex
+        and dtype != "torch.bool")
+    if not integer or len(x.shape) not in (1, 2):
+        raise ConfigError(f"{what} must be token ids as a 1-D or 2-D integer tensor/array "
+                          f"(got {_describe(x)})")
+    return x.tolist()
+
+
+def _ids(p) -> Optional[List[int]]:
+    """A list of token ids (ints of any kind, no bools), or None if `p` is not one."""
+    if not isinstance(p, (list, tuple)):
+        return None
+    ids = [as_int(x) for x in p]
+    return None if any(i is None for i in ids) else ids
+
+
+def normalize_prompts(prompts, tokenizer, chat: Optional[bool] = None) -> List[List[int]]:
+    """str | list[str] | list[int] | list[list[int]] | 1-D/2-D integer tensor or array -> list of
+    token-id lists (validated). chat: apply the tokenizer's chat template to text prompts; None
+    (default) = when the tokenizer has one (see `use_chat`)."""
+    if hasattr(prompts, "shape") and hasattr(prompts, "tolist"):  # torch / numpy ids
+        prompts = _array_ids(prompts, "prompts")
     if isinstance(prompts, str):
         prompts = [prompts]
-    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(x, int) for x in prompts):
-        prompts = [list(prompts)]
+    elif isinstance(prompts, (list, tuple)) and prompts and not any(
+            isinstance(x, (str, list, tuple)) or getattr(x, "ndim", 0) > 0 for x in prompts):
+        if _ids(prompts) is None:  # a flat sequence of scalars: one prompt of token ids
+            raise ConfigError(f"token ids must be integers (got {_describe(prompts)})")
+        prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-        raise ConfigError("prompts must be a string, a list of strings, or lists of token ids (got an empty input)")
+        got = "an empty input" if isinstance(prompts, (list, tuple)) else _describe(prompts)
+        raise ConfigError(f"prompts must be a string, a list of strings, or lists of token ids (got {got})")
+    chat_on = None
     out: List[List[int]] = []
     for i, p in enumerate(prompts):
+        if hasattr(p, "shape") and hasattr(p, "tolist"):
+            p = _array_ids(p, f"prompt {i}")
+            if p and isinstance(p[0], list):
+                raise ConfigError(f"prompt {i} must be a 1-D sequence of token ids (got a 2-D tensor/array)")
         if isinstance(p, str):
             if p == "":
                 raise ConfigError(f"prompt {i} is empty; give at least one character or token")
             if tokenizer is None:
                 raise ConfigError("a tokenizer is needed to encode text prompts; pass token ids instead")
-            if chat:
+            if chat_on is None:
+                chat_on = use_chat(tokenizer, chat)
+            if chat_on:
                 ids = tokenizer.apply_chat_template(
                     [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
                 )
@@ -109,14 +212,14 @@ def normalize_prompts(prompts, tokenizer, chat: bool = False) -> List[List[int]]
                     ids = ids["input_ids"]
                 ids = list(ids)
             else:
-                ids = tokenizer.encode(p, add_special_tokens=True) if tokenizer is not None else []
+                ids = tokenizer.encode(p, add_special_tokens=True)
             out.append([int(x) for x in ids])
-        elif isinstance(p, (list, tuple)) and all(isinstance(x, int) for x in p):
+        elif _ids(p) is not None:
             if len(p) == 0:
                 raise ConfigError(f"prompt {i} is an empty token list; give at least one token")
-            out.append([int(x) for x in p])
+            out.append(_ids(p))
         else:
-            raise ConfigError(f"prompt {i} must be a string or a list of token ids (got {type(p).__name__})")
+            raise ConfigError(f"prompt {i} must be a string or a list of token ids (got {_describe(p)})")
         if len(out[-1]) == 0:
             raise ConfigError(f"prompt {i} encodes to zero tokens")
     return out
