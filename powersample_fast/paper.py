@@ -16,6 +16,7 @@ from typing import List, Tuple
 
 from .errors import ConfigError
 from .model import Transformer
+from .params import as_int, as_real, normalize_prompts
 
 _converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -37,24 +38,37 @@ def _engine_model(model) -> Transformer:
     return ours
 
 
+def _context_ids(context) -> List[int]:
+    """The reference takes a flat list of ids (`tokenizer.encode(...)`); also accept what
+    `tokenizer(..., return_tensors="pt").input_ids` gives (a [1, T] tensor), a 1-D tensor or array,
+    and [[...]]. Always one context: a batch of several is an error, as in the reference."""
+    if isinstance(context, str):
+        raise ConfigError("context must be token ids (e.g. tokenizer.encode(prompt)), not text")
+    ids = normalize_prompts(context, None)
+    if len(ids) != 1:
+        raise ConfigError(f"context must be one sequence of token ids (a list, a 1-D tensor or a [1, T] tensor); "
+                          f"got {len(ids)} sequences: call mcmc_power_samp once per context, as the reference")
+    return ids[0]
+
+
 def mcmc_power_samp(p, context, temp, mcmc_steps, max_new_tokens, block_num=16, *, seed=None, top_k=None,
                     progress=False) -> Tuple[List[int], List[float], List[float], float]:
-    """Same signature and return values as the reference:
-    (context + generated ids, per-token proposal log-probs log q, per-token target log-probs
-    alpha*log p with alpha = 1/temp, acceptance ratio). The block size is
+    """Same signature and return values as the reference: (context + generated ids, one flat list of
+    ints whatever the context's form, see `_context_ids`; per-token proposal log-probs log q;
+    per-token target log-probs alpha*log p with alpha = 1/temp; acceptance ratio). The block size is
     ceil(max_new_tokens / block_num) (the reference asserts divisibility; we do not need it)."""
-    if not temp or temp <= 0:
+    temp_f, block_num = as_real(temp), as_int(block_num)
+    if temp_f is None or not temp_f > 0:
         raise ConfigError(f"temp must be > 0 (alpha = 1/temp); got {temp!r}")
-    if not isinstance(block_num, int) or block_num < 1:
+    if block_num is None or block_num < 1:
         raise ConfigError(f"block_num must be an integer >= 1 (got {block_num!r})")
+    temp = temp_f
     from .sampler import PowerSampler
 
     model = getattr(p, "model", None)
     if model is None:
         raise ConfigError("p must carry .model (and .tokenizer), like the reference AutoregressiveSampler")
-    ctx = [int(x) for x in (context.tolist() if hasattr(context, "tolist") else context)]
-    if ctx and isinstance(ctx[0], list):  # [[...]] batch of one
-        ctx = ctx[0]
+    ctx = _context_ids(context)
     sampler = PowerSampler(_engine_model(model), getattr(p, "tokenizer", None))
     alpha = 1.0 / float(temp)
     r = sampler.generate([ctx], alpha=alpha, max_new_tokens=int(max_new_tokens),
