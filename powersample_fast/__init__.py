@@ -1,24 +1,39 @@
-"""powersample_fast: exact, fast power sampling (Karan & Du, Algorithm 1) for LLMs."""
-from .errors import ConfigError, ModelLoadError, NonFiniteLogitsError, PowerSampleError
-from .loader import load
-from .model import KVCache, ModelConfig, Transformer
-from .types import SampleResult
+"""powersample_fast: exact, fast power sampling (Karan & Du, Algorithm 1) for LLMs.
 
-__version__ = "0.1.0"
+Importing the package is cheap (no torch): the model, loader and sampler are imported on first
+use, so `powersample-fast --version` answers at once and Ctrl-C during start-up is handled by the CLI.
+"""
+from .errors import ConfigError, ModelLoadError, NonFiniteLogitsError, PowerSampleError
+
+__version__ = "0.1.0"  # keep equal to pyproject.toml's version (tests/test_packaging.py checks)
 
 __all__ = [
-    "load", "Transformer", "ModelConfig", "KVCache", "SampleResult",
+    "load", "Transformer", "ModelConfig", "KVCache", "SampleResult", "PowerSampler",
     "PowerSampleError", "ConfigError", "ModelLoadError", "NonFiniteLogitsError",
 ]
 
+_LAZY = {
+    "load": ("loader", "load"),
+    "Transformer": ("model", "Transformer"),
+    "ModelConfig": ("model", "ModelConfig"),
+    "KVCache": ("model", "KVCache"),
+    "SampleResult": ("types", "SampleResult"),
+    "PowerSampler": ("sampler", "PowerSampler"),
+}
 
-def __getattr__(name):  # lazy: the sampler pulls in more modules
-    if name == "PowerSampler":
-        from .sampler import PowerSampler
 
-        return PowerSampler
+def __getattr__(name):  # PEP 562: heavy modules (torch) load on first access
+    import importlib
+
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        globals()[name] = value
+        return value
     if name == "naive":
-        from . import naive
+        return importlib.import_module(".naive", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        return naive
-    raise AttributeError(name)
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY) + ["naive"])

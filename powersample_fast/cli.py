@@ -1,103 +1,147 @@
-"""Command line: `powersample-fast sample --model default --prompt "..."`."""
+"""Command line: `powersample-fast sample --model default --prompt "..."`.
+
+Order of work, cheapest checks first: arguments and sampling parameters (no torch), the --profile
+path, then torch (threads, device, dtype, backend), the model's config.json (context length), the
+tokenizer and the prompts' lengths, and only then the weights. Every heavy import happens inside
+`main`'s try, so Ctrl-C at any point prints one line and exits 130.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from contextlib import nullcontext
 
+from . import __version__
 from .errors import PowerSampleError
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="powersample-fast", description="Exact, fast power sampling of LLMs (p^alpha via MCMC).")
+    ap.add_argument("--version", action="version", version=f"powersample-fast {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="power-sample one or more prompts")
     s.add_argument("--model", default="default", help="HF-format model directory, or 'default' (SmolLM2-135M-Instruct)")
     s.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several prompts)")
-    s.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    chat = s.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap each prompt in the model's chat template (default: when the tokenizer has one)")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="give the raw prompt text to the model")
     s.add_argument("--alpha", type=float, default=4.0, help="power alpha (default 4)")
     s.add_argument("--steps", type=int, default=10, help="MH steps per block (default 10)")
     s.add_argument("--block-size", type=int, default=192, help="block size B (default 192)")
     s.add_argument("--max-new-tokens", type=int, default=3072, help="token budget T (default 3072)")
     s.add_argument("--temperature", type=float, default=None, help="proposal temperature (default 1/alpha)")
     s.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
-    s.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    s.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed with --json)")
     s.add_argument("--top-k", type=int, default=None, help="restrict proposals to the top-k tokens (default off)")
     s.add_argument("--index", default="uniform", choices=["uniform", "last_block"], help="cut-index mode")
     s.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on CUDA, fp32 on CPU)")
     s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)")
     s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
-    s.add_argument("--json", action="store_true", help="print one JSON object per sample")
-    s.add_argument("--stats", action="store_true", help="print time per phase and acceptance rate (stderr)")
+    s.add_argument("--json", action="store_true", help="print one JSON object per sample (inputs included)")
+    s.add_argument("--stats", action="store_true",
+                   help="print time per phase and acceptance rate (stderr; with --json a last {\"stats\": ...} line)")
     s.add_argument("--profile", metavar="TRACE.json", default=None, help="write a torch profiler (Chrome/Perfetto) trace")
     s.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (prefill/decode/sample/fork/accept) for Nsight")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
-def _profiler(path, nvtx=False):
-    import torch
-
-    if nvtx:
-        if not torch.cuda.is_available():
-            print("powersample-fast: --nvtx ignored: NVTX ranges need CUDA", file=sys.stderr)
-            return nullcontext()
-        # record_function ranges become NVTX ranges for nsys / Nsight Systems
-        return torch.autograd.profiler.emit_nvtx()
-    if path is None:
-        return nullcontext()
-
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=acts, record_shapes=False)
-
-
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("powersample-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     if args.nvtx and args.profile:
         ap.error("--nvtx and --profile are exclusive: NVTX ranges are for Nsight (nsys), --profile writes a torch trace")
     try:
-        from . import ops
-        from .loader import load
-        from .sampler import PowerSampler
-
-        if args.backend:
-            ops.set_backend(args.backend)
-        model, tok = load(args.model, device=args.device, dtype=args.dtype)
-        sampler = PowerSampler(model, tok, cuda_graphs=args.cuda_graphs)
-        prof = _profiler(args.profile, args.nvtx)
-        with prof:
-            results = sampler.generate(
-                args.prompt, alpha=args.alpha, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                mcmc_steps=args.steps, proposal_temperature=args.temperature, top_k=args.top_k, index=args.index,
-                n=args.n, seed=args.seed, chat=args.chat, progress=not args.no_progress, max_batch=args.max_batch,
-            )
-        if args.profile and hasattr(prof, "export_chrome_trace"):
-            prof.export_chrome_trace(args.profile)
-            print(f"profile trace written to {args.profile}", file=sys.stderr)
+        return _sample(args)
     except PowerSampleError as e:
         print(f"powersample-fast: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("powersample-fast: interrupted", file=sys.stderr)
-        return 130
-    for r in results:
-        if args.json:
-            print(json.dumps(r.to_dict()))
-        else:
-            head = f"--- prompt {r.prompt_index} sample {r.sample_index}: {len(r.token_ids)} tokens, " \
-                   f"accepted {r.accepted}/{r.proposed}, {'EOS' if r.finished_by_eos else 'budget'} ---"
-            print(head)
-            print(r.text)
+
+
+def _sample(args) -> int:
+    from .cli_setup import check_profile_path
+    from .errors import ConfigError
+    from .params import SamplingParams, resolve_seed
+
+    p = SamplingParams(alpha=args.alpha, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+                       mcmc_steps=args.steps, proposal_temperature=args.temperature, top_k=args.top_k,
+                       index=args.index, n=args.n, seed=resolve_seed(args.seed))
+    for name in ("max_batch", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1 (got {v})")
+    check_profile_path(args.profile)
+
+    import torch  # heavy imports from here on (inside main's KeyboardInterrupt handler)
+
+    from . import cli_output as out
+    from .cli_setup import check_backend, default_threads, profiler
+    from .device import default_dtype, resolve_device, resolve_dtype
+
+    threads = args.threads or default_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype) if args.dtype is not None else default_dtype(device)
+    check_backend(args.backend, device)
+    from . import ops
+    from .loader import attach_tokenizer_eos, load_model, load_tokenizer, read_config, resolve_model_dir
+    from .params import normalize_prompts, use_chat
+
+    if args.backend:
+        ops.set_backend(args.backend)
+    model_dir = resolve_model_dir(args.model)
+    tok, chat = None, False
+    if model_dir.is_dir():  # else load_model says what is wrong with the path
+        ctx = read_config(model_dir).get("max_position_embeddings")
+        if isinstance(ctx, int) and p.max_new_tokens >= ctx:
+            raise ConfigError(f"--max-new-tokens {p.max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {ctx} tokens; lower --max-new-tokens")
+        tok = load_tokenizer(model_dir)
+        if tok is None:
+            raise ConfigError(f"{model_dir} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
+                              "the CLI needs one to encode --prompt text")
+        chat = use_chat(tok, args.chat)
+        for i, ids in enumerate(normalize_prompts(args.prompt, tok, chat=chat)):
+            if isinstance(ctx, int) and len(ids) + p.max_new_tokens > ctx:
+                raise ConfigError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens {p.max_new_tokens} "
+                                  f"that exceeds the model's context of {ctx} tokens; shorten the prompt or "
+                                  "lower --max-new-tokens")
+    model = load_model(model_dir, device=device, dtype=dtype)
+    attach_tokenizer_eos(model, tok)
+    from .sampler import PowerSampler
+
+    sampler = PowerSampler(model, tok, cuda_graphs=args.cuda_graphs)
+    max_batch = args.max_batch or (64 if device.type == "cuda" else 8)
+    chains = len(args.prompt) * p.n
+    step_s = out.time_decode_step(model, min(max_batch, chains))
+    out.stderr_line(out.announce(out.model_label(args.model, model_dir), p, len(args.prompt), chat, device, dtype,
+                                 torch.get_num_threads() if device.type == "cpu" else None, max_batch, step_s))
+    prof = profiler(args.profile, args.nvtx)
+    with prof:
+        results = sampler.generate(
+            args.prompt, alpha=p.alpha, max_new_tokens=p.max_new_tokens, block_size=p.block_size,
+            mcmc_steps=p.mcmc_steps, proposal_temperature=p.proposal_temperature, top_k=p.top_k, index=p.index,
+            n=p.n, seed=p.seed, chat=chat, progress=not args.no_progress, max_batch=args.max_batch,
+        )
+    info = out.run_info(args, p, chat, model_dir, device, dtype) if args.json else None
+    out.print_results(results, args, info)
     if args.stats:
-        st = sampler.last_stats
-        print("stats: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items()),
-              file=sys.stderr)
+        out.print_stats(sampler.last_stats, args.json)
+    if args.profile and hasattr(prof, "export_chrome_trace"):
+        out.write_profile(prof, args.profile)
     return 0
 
 

@@ -3,30 +3,16 @@ import json
 
 import pytest
 import torch
-import transformers as tf
 
 from powersample_fast import cli, ops
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """Tiny random Llama + a real (byte-level BPE) tokenizer built offline from a small vocab."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
+    """Tiny random Llama + a real tokenizer built offline from a small vocab (tests/cli_model.py)."""
+    from cli_model import make_cli_model_dir
 
-    d = tmp_path_factory.mktemp("cli_model")
-    vocab = {"<eos>": 0, **{chr(c): i + 1 for i, c in enumerate(range(97, 123))}, " ": 27}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    fast.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=28, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=32, max_position_embeddings=128, eos_token_id=0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_cli_model_dir(tmp_path_factory.mktemp("cli_model"))
 
 
 def test_sample_text_and_json(model_dir, capsys):
@@ -35,12 +21,14 @@ def test_sample_text_and_json(model_dir, capsys):
                    "--json", "--no-progress", "--stats", "--chat"])
     assert rc == 0
     out, err = capsys.readouterr()
-    rows = [json.loads(line) for line in out.strip().splitlines()]
+    *rows, last = [json.loads(line) for line in out.strip().splitlines()]
     assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for r in rows:
         assert 1 <= len(r["token_ids"]) <= 12 and len(r["logp"]) == len(r["token_ids"])
         assert set(r["text"]) <= set("abcdefghijklmnopqrstuvwxyz ")
-    assert "acceptance_rate=" in err and "decode_s=" in err
+    # with --json the stats are the last stdout line, one JSON object
+    assert set(last) == {"stats"} and {"acceptance_rate", "decode_s", "wall_s"} <= set(last["stats"])
+    assert "acceptance_rate=" not in err
     rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "6",
                    "--block-size", "3", "--steps", "1", "--seed", "0", "--no-progress"])
     out, _ = capsys.readouterr()
@@ -99,8 +87,9 @@ def test_ctrl_c_exits_cleanly(model_dir, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(smod.PowerSampler, "generate", interrupted)
-    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--no-progress"])
-    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--max-new-tokens", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.splitlines()[-1] == "powersample-fast: interrupted" and "Traceback" not in err
 
 
 def test_nvtx_and_profile_are_exclusive(model_dir, tmp_path):

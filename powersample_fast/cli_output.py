@@ -1,0 +1,118 @@
+"""What the CLI prints: the start-up line (what runs, roughly how long), the samples (text or JSON
+lines) and the stats (text on stderr, or with --json one final JSON line on stdout)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Optional
+
+from .params import SamplingParams
+
+
+def expected_decode_steps(p: SamplingParams, n_chains: int, max_batch: int) -> int:
+    """Decode steps of a run if no chain stops at EOS: per chain, each stage k extends to L_k and each
+    MH step proposes from a uniform cut to L_k (on average (L_k + 1) / 2 tokens; "last_block" cuts
+    inside the stage's block only); chains run max_batch at a time."""
+    steps, prev = 0.0, 0
+    for k in range(1, p.num_blocks + 1):
+        lk = p.stage_limit(k)
+        span = lk if p.index == "uniform" else lk - prev
+        steps += (lk - prev) + p.mcmc_steps * (span + 1) / 2
+        prev = lk
+    rounds = -(-n_chains // max(1, min(max_batch, n_chains)))
+    return int(round(steps * rounds))
+
+
+def time_decode_step(model, rows: int) -> float:
+    """Seconds of one forward of `rows` single-token rows (~ one decode step), after one warm-up."""
+    import torch
+
+    from .device import synchronize
+
+    ids = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        model(ids)
+        synchronize(model.device)
+        t = time.perf_counter()
+        model(ids)
+        synchronize(model.device)
+    return time.perf_counter() - t
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+def announce(model_name: str, p: SamplingParams, n_prompts: int, chat: bool, device, dtype, threads,
+             max_batch: int, step_s: float) -> str:
+    """One line: model, method, chains, budget, where it runs, and the expected time."""
+    chains = n_prompts * p.n
+    rows = min(max_batch, chains)
+    steps = expected_decode_steps(p, chains, max_batch)
+    thr = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    return (f"powersample-fast: {model_name}, power sampling (Metropolis-Hastings, alpha {p.alpha:g}, tau {p.tau:.3g}), "
+            f"{n_prompts} prompt{'s' if n_prompts != 1 else ''} x {p.n} = {chains} chain{'s' if chains != 1 else ''}"
+            f" ({rows} at a time), up to {p.max_new_tokens} new tokens (block {p.block_size}, {p.mcmc_steps} MH "
+            f"steps per block), chat template {'on' if chat else 'off'}, {device}/{str(dtype).replace('torch.', '')}"
+            f"{thr}; expected ~{_fmt_s(steps * step_s)} ({steps} decode steps at {step_s * 1e3:.0f} ms; "
+            "less when chains stop at EOS)")
+
+
+def run_info(args, p: SamplingParams, chat: bool, model_dir, device, dtype) -> dict:
+    """The fields every --json sample line carries besides the result: the run's inputs."""
+    d = asdict(p)
+    d["proposal_temperature"] = p.tau  # the value used (the default is 1/alpha)
+    return dict(model=args.model, model_dir=str(model_dir), chat=chat, device=str(device),
+                dtype=str(dtype).replace("torch.", ""), **d)
+
+
+def print_results(results, args, info: Optional[dict]) -> None:
+    for r in results:
+        if args.json:
+            row = dict(prompt=args.prompt[r.prompt_index], **info)
+            row.update(r.to_dict())
+            print(json.dumps(row))
+        else:
+            print(f"--- prompt {r.prompt_index} sample {r.sample_index}: {len(r.token_ids)} tokens, "
+                  f"accepted {r.accepted}/{r.proposed}, {'EOS' if r.finished_by_eos else 'budget'} ---")
+            print(r.text)
+
+
+def print_stats(stats: dict, as_json: bool) -> None:
+    """With --json: one last stdout line {"stats": {...}}; else `k=v` text on stderr."""
+    if as_json:
+        print(json.dumps({"stats": stats}))
+    else:
+        print("stats: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in stats.items()), file=sys.stderr)
+
+
+def write_profile(prof, path: str) -> None:
+    """Export the trace (after the samples are printed, so a failure loses nothing else) and check
+    the file is there: the profiler reports some write errors by printing them, not by raising."""
+    import os
+
+    from .errors import ConfigError
+
+    try:
+        if os.path.isfile(path):
+            os.remove(path)  # so an old trace cannot pass for this run's
+        prof.export_chrome_trace(path)
+    except OSError as e:
+        raise ConfigError(f"cannot write the profile trace {path}: {e}") from None
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise ConfigError(f"the profile trace {path} was not written (see the profiler's message above)")
+    print(f"powersample-fast: profile trace written to {path}", file=sys.stderr)
+
+
+def stderr_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def model_label(model_arg: str, model_dir) -> str:
+    from .hub import MODEL_NAME
+
+    return f"default ({MODEL_NAME})" if model_arg == "default" else str(model_dir)
+
