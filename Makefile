@@ -1,16 +1,25 @@
 # The two commands (see README):  make run   |   make test
 # Each creates .venv on first use with the CPU torch pin (a GPU user installs their own torch
-# first, then `pip install -e .`).
+# first, then `pip install -e .`). The CLI is then .venv/bin/powersample-fast (or `make sample ARGS='...'`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= A train travels 60 km in 45 minutes. What is its average speed in km/h? Think step by step.
-RUN_ARGS ?= --max-new-tokens 192 --block-size 64 --steps 4 --n 2 --seed 0
+# make run: one short chat prompt, a 128-token budget, 2 MH steps per block: ~15-25 s on a 2-core CPU
+PROMPT ?= Tom has 3 apples and buys 5 more. How many apples does he have now?
+RUN_ARGS ?= --max-new-tokens 128 --block-size 64 --steps 2 --n 1 --seed 0
 EXTRA_ARGS ?=
+ARGS ?=
 
-.PHONY: run test bench-cpu clean-venv
+.PHONY: run sample test bench-cpu clean-venv
 
+# PROMPT reaches the program through the environment, unexpanded ($(value ...)), so quotes and $
+# in it arrive as typed; RUN_ARGS / EXTRA_ARGS / ARGS are flags, split by the shell as typed.
+run: export POWERSAMPLE_FAST_PROMPT = $(value PROMPT)
 run: $(VENV)/.installed
-	$(PY) -m powersample_fast.cli sample --model default --chat --prompt "$(PROMPT)" $(RUN_ARGS) $(EXTRA_ARGS) --stats
+	$(PY) -m powersample_fast.cli sample --model default --prompt "$$POWERSAMPLE_FAST_PROMPT" $(value RUN_ARGS) $(value EXTRA_ARGS) --stats
+
+# any CLI arguments after `powersample-fast sample`, e.g. make sample ARGS='--prompt "What is 7 * 8?" --n 2'
+sample: $(VENV)/.installed
+	$(PY) -m powersample_fast.cli sample $(value ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

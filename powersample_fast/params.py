@@ -185,7 +185,8 @@ def normalize_prompts(prompts, tokenizer, chat: Optional[bool] = None) -> List[L
     elif isinstance(prompts, (list, tuple)) and prompts and not any(
             isinstance(x, (str, list, tuple)) or getattr(x, "ndim", 0) > 0 for x in prompts):
         if _ids(prompts) is None:  # a flat sequence of scalars: one prompt of token ids
-            raise ConfigError(f"token ids must be integers (got {_describe(prompts)})")
+            raise ConfigError("token ids must be integers; a prompt must be a string or a list of token ids "
+                              f"(got {_describe(prompts)})")
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         got = "an empty input" if isinstance(prompts, (list, tuple)) else _describe(prompts)
