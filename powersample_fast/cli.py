@@ -87,7 +87,7 @@ def _sample(args) -> int:
     import torch  # heavy imports from here on (inside main's KeyboardInterrupt handler)
 
     from . import cli_output as out
-    from .cli_setup import check_backend, default_threads, profiler
+    from .cli_setup import check_backend, check_prompts, default_threads, profiler
     from .device import default_dtype, resolve_device, resolve_dtype
 
     threads = args.threads or default_threads()
@@ -97,28 +97,12 @@ def _sample(args) -> int:
     dtype = resolve_dtype(args.dtype) if args.dtype is not None else default_dtype(device)
     check_backend(args.backend, device)
     from . import ops
-    from .loader import attach_tokenizer_eos, load_model, load_tokenizer, read_config, resolve_model_dir
-    from .params import normalize_prompts, use_chat
+    from .loader import attach_tokenizer_eos, load_model, resolve_model_dir
 
     if args.backend:
         ops.set_backend(args.backend)
     model_dir = resolve_model_dir(args.model)
-    tok, chat = None, False
-    if model_dir.is_dir():  # else load_model says what is wrong with the path
-        ctx = read_config(model_dir).get("max_position_embeddings")
-        if isinstance(ctx, int) and p.max_new_tokens >= ctx:
-            raise ConfigError(f"--max-new-tokens {p.max_new_tokens} leaves no room for a prompt in the model's "
-                              f"context of {ctx} tokens; lower --max-new-tokens")
-        tok = load_tokenizer(model_dir)
-        if tok is None:
-            raise ConfigError(f"{model_dir} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
-                              "the CLI needs one to encode --prompt text")
-        chat = use_chat(tok, args.chat)
-        for i, ids in enumerate(normalize_prompts(args.prompt, tok, chat=chat)):
-            if isinstance(ctx, int) and len(ids) + p.max_new_tokens > ctx:
-                raise ConfigError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens {p.max_new_tokens} "
-                                  f"that exceeds the model's context of {ctx} tokens; shorten the prompt or "
-                                  "lower --max-new-tokens")
+    tok, chat = check_prompts(model_dir, args.prompt, args.chat, p.max_new_tokens)
     model = load_model(model_dir, device=device, dtype=dtype)
     attach_tokenizer_eos(model, tok)
     from .sampler import PowerSampler

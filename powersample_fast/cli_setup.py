@@ -51,17 +51,46 @@ def check_profile_path(path: Optional[str]) -> None:
 def check_backend(backend: Optional[str], device) -> None:
     """--backend triton (or POWERSAMPLE_FAST_BACKEND=triton) needs CUDA tensors, or Triton's CPU
     interpreter (TRITON_INTERPRET=1, set before start; slow, for testing), and triton installed."""
-    name = (backend or os.environ.get("POWERSAMPLE_FAST_BACKEND", "auto")).lower()
+    forced = backend not in (None, "auto")  # as ops.backend_for: a forced backend, else the variable
+    name = (backend if forced else os.environ.get("POWERSAMPLE_FAST_BACKEND", "auto")).lower()
     if name != "triton":
         return
+    flag = "--backend triton" if forced else "POWERSAMPLE_FAST_BACKEND=triton"
     import importlib.util
 
     if importlib.util.find_spec("triton") is None:
-        raise ConfigError("--backend triton: triton is not installed; pip install triton, or use --backend torch")
+        raise ConfigError(f"{flag}: triton is not installed; pip install triton, or use --backend torch")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(f"--backend triton runs Triton kernels on CUDA tensors, but the device is {device}; "
+        raise ConfigError(f"{flag} runs Triton kernels on CUDA tensors, but the device is {device}; "
                           "use --backend torch (or auto) on CPU, or set TRITON_INTERPRET=1 to run the kernels "
                           "in Triton's slow CPU interpreter")
+
+
+def check_prompts(model_dir, prompts, chat_flag, max_new_tokens: int):
+    """Before the weights load: the budget and each prompt against the context length in config.json
+    (cheap to read), with the tokenizer and chat template the run will use. Returns (tokenizer, chat).
+    A model_dir that is not a directory is left to load_model, which says what is wrong with it."""
+    if not Path(model_dir).is_dir():
+        return None, False
+    from .loader import load_tokenizer, read_config
+    from .params import normalize_prompts, use_chat
+
+    ctx = read_config(model_dir).get("max_position_embeddings")
+    ctx = ctx if isinstance(ctx, int) else None  # config_check validates it when the model loads
+    if ctx is not None and max_new_tokens >= ctx:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                          f"context of {ctx} tokens; lower --max-new-tokens")
+    tok = load_tokenizer(model_dir)
+    if tok is None:
+        raise ConfigError(f"{model_dir} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
+                          "the CLI needs one to encode --prompt text")
+    chat = use_chat(tok, chat_flag)
+    for i, ids in enumerate(normalize_prompts(prompts, tok, chat=chat)):
+        if ctx is not None and len(ids) + max_new_tokens > ctx:
+            raise ConfigError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that "
+                              f"exceeds the model's context of {ctx} tokens; shorten the prompt or lower "
+                              "--max-new-tokens")
+    return tok, chat
 
 
 def profiler(path, nvtx=False):

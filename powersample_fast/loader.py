@@ -223,7 +223,7 @@ def from_hf_model(hf_model, device=None, dtype=None) -> Transformer:
     d = hf_model.config.to_dict()
     if not d.get("architectures"):
         d["architectures"] = [type(hf_model).__name__]
-    cfg = ModelConfig.from_hf(d)
+    cfg = ModelConfig.from_hf(d, source=f"the config of <{type(hf_model).__name__} in memory>")
     gen = getattr(hf_model, "generation_config", None)
     cfg.eos_token_ids = merge_eos_ids(cfg.eos_token_ids, getattr(gen, "eos_token_id", None))
     items = ((k, v.detach()) for k, v in hf_model.state_dict().items())
