@@ -8,12 +8,19 @@ from typing import List, Optional, Sequence, Tuple, Union
 from .errors import ConfigError
 
 INDEX_MODES = ("uniform", "last_block")
+METHODS = ("plain", "mh")  # sampling policies (powersample_fast/policies)
 
 Prompt = Union[str, Sequence[int]]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What to sample. method: "mh" (Algorithm 1, exact p^alpha) or "plain" (ancestral sampling at
+    `proposal_temperature`, default 1, the baseline). early_stop: the paper's rule (a chain whose
+    state ends with EOS before the last stage stops there; cheaper, not exact); the default jumps
+    to the final stage's MH steps instead (ALGORITHM.md step 3)."""
+
+    method: str = "mh"
     alpha: float = 4.0
     max_new_tokens: int = 3072
     block_size: int = 192
@@ -23,8 +30,13 @@ class SamplingParams:
     index: str = "uniform"
     n: int = 1
     seed: Optional[int] = None
+    early_stop: bool = False
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.early_stop, bool):
+            raise ConfigError(f"early_stop must be True or False (got {self.early_stop!r})")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"alpha must be a finite number > 0 (got {self.alpha!r}); the paper uses 4.0")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -47,7 +59,10 @@ class SamplingParams:
 
     @property
     def tau(self) -> float:
-        return float(self.proposal_temperature) if self.proposal_temperature is not None else 1.0 / self.alpha
+        """Sampling temperature of the proposal (mh: default 1/alpha) or of plain sampling (default 1)."""
+        if self.proposal_temperature is not None:
+            return float(self.proposal_temperature)
+        return 1.0 if self.method == "plain" else 1.0 / self.alpha
 
     @property
     def num_blocks(self) -> int:
