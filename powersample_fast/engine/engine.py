@@ -140,6 +140,9 @@ class Engine:
             if not self.scheduler.waiting and self.compact:
                 self.scheduler.compact()
         done, self._done = self._done, []
+        for o in done:  # a request that finished this step carries its last streamed tokens too
+            if o.request_id in stream:
+                o.new_tokens = stream.pop(o.request_id).new_tokens
         return done + [o for o in stream.values() if o.request_id in self.requests]
 
     # ------------------------------------------------------------------ internals
