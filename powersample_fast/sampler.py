@@ -86,7 +86,7 @@ class PowerSampler:
         for i, pr in enumerate(ids):
             eng.add_request(pr, p, prompt_index=i)
         t0 = time.perf_counter()
-        results, err = self._drive(eng, len(ids) * p.n * get_policy(method).planned_tokens(p), progress)
+        results, err = self._drive(eng, get_policy(method).planned_tokens(p), len(ids) * p.n, progress)
         results.sort(key=lambda r: (r.prompt_index, r.sample_index))
         self.last_stats = _summary(eng, results, method, time.perf_counter() - t0)
         if err is not None and errors == "raise":
@@ -94,28 +94,30 @@ class PowerSampler:
             raise err
         return results
 
-    def _drive(self, eng: Engine, planned: float, progress: bool):
-        """Step the engine to the end; a progress bar in tokens, refreshed at least every second."""
+    def _drive(self, eng: Engine, per_chain: float, chains: int, progress: bool):
+        """Step the engine to the end. Progress in tokens sampled against the planned budget
+        (`per_chain` expected tokens per chain; a finished chain's plan is replaced by what it used),
+        so the ETA is meaningful; redrawn at most every 0.5 s, on every step after that."""
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=int(planned), desc="power sampling", unit="tok", dynamic_ncols=True,
-                       mininterval=0.5, maxinterval=1.0, smoothing=0.1)
-        results, err, t0, last = [], None, time.perf_counter(), 0
+            bar = tqdm(total=round(per_chain * chains), desc="power sampling", unit="tok", dynamic_ncols=True,
+                       mininterval=0.5, smoothing=0.1)
+        results, err, last, planned = [], None, 0, per_chain * chains
         try:
             while eng.has_unfinished():
                 for o in eng.step():
                     if o.finished:
                         results += o.results
                         err = err or o.error
+                        planned += sum(r.stats["tokens_sampled"] - per_chain for r in o.results)
                 if bar is not None:
                     done = eng.stats["tokens_sampled"]
-                    if done > bar.total:
-                        bar.total = done
+                    bar.total = max(done, round(planned))
+                    bar.set_postfix_str(_postfix(eng, results), refresh=False)
                     bar.update(done - last)
                     last = done
-                    bar.set_postfix_str(_postfix(eng, results, t0), refresh=False)
         finally:
             if bar is not None:
                 bar.total = bar.n  # chains that ended at EOS used less than planned
@@ -123,13 +125,18 @@ class PowerSampler:
         return results, err
 
 
-def _postfix(eng: Engine, results, t0: float) -> str:
+def _postfix(eng: Engine, results) -> str:
+    """Fixed-width figures: chains done, the furthest block of a running MH chain, acceptance."""
     chains = [s.group.state for s in eng.scheduler.row_seq.values() if hasattr(s.group.state, "k")]
     acc = sum(c.accepted for c in chains) + sum(r.accepted for r in results)
     prop = sum(c.proposed for c in chains) + sum(r.proposed for r in results)
-    rate = eng.stats["tokens_sampled"] / max(time.perf_counter() - t0, 1e-9)
-    block = max((c.k for c in chains), default=0)
-    return f"block {block:>3d}, acc {acc / prop if prop else 0:.2f}, {rate:7.1f} tok/s"
+    total = len(results) + sum(len(r.groups) for r in eng.requests.values())
+    out = f"chains {len(results)}/{total}"
+    if chains:
+        out += f", block {max(c.k for c in chains):>3d}"
+    if prop or chains:
+        out += f", acc {acc / prop if prop else 0:.2f}"
+    return out
 
 
 def _summary(eng: Engine, results: List[SampleResult], method: str, wall: float) -> dict:
