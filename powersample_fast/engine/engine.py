@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..errors import ConfigError, NonFiniteLogitsError
@@ -18,18 +17,10 @@ from ..kv_cache import KVManager
 from ..params import SamplingParams, chain_seed, normalize_prompts, resolve_seed
 from ..policies import get_policy
 from ..types import SampleResult
+from .outputs import RequestOutput, build_result, check_request
 from .runner import ModelRunner
 from .scheduler import Scheduler, fit_rows
 from .sequence import PHASES, Group, Phase, Request, Seq
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    finished: bool
-    results: List[SampleResult] = field(default_factory=list)  # when finished: n, in sample order
-    new_tokens: Dict[int, List[int]] = field(default_factory=dict)  # stream=True, plain: this step's tokens
-    error: Optional[Exception] = None
 
 
 class Engine:
@@ -88,19 +79,8 @@ class Engine:
         return rid
 
     def check_prompt(self, ids: List[int], p: SamplingParams, index: int = 0):
-        V, ctx = self.model.config.vocab_size, self.model.config.max_seq_len
-        bad = [x for x in ids if not 0 <= x < V]
-        if bad:
-            raise ConfigError(f"prompt {index} has token id(s) outside the vocabulary [0, {V}): {bad[:5]}")
-        for limit, what in ((ctx, "the model's context"), (self.max_len, "the engine's max_len")):
-            if len(ids) + p.max_new_tokens > limit:
-                raise ConfigError(
-                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds "
-                    f"{what} of {limit} tokens; shorten the prompt or lower max_new_tokens")
-        n_dec, n_sto = get_policy(p.method).rows(p)
-        if n_dec > self.kv.n_decode or n_sto > self.kv.n_store:
-            raise ConfigError(f"method {p.method!r} needs {n_dec} decode and {n_sto} store rows per sample but the "
-                              f"engine has {self.kv.n_decode} and {self.kv.n_store}; raise max_batch")
+        """ConfigError if prompt `index` (token ids) cannot run with `p` on this engine."""
+        check_request(self.model.config, self.max_len, self.kv, ids, p, index)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its rows at once. False if unknown or already finished."""
@@ -157,14 +137,7 @@ class Engine:
                     f"non-finite logits (NaN/Inf) while sampling chain (prompt {g.request.prompt_index}, sample {g.index}) "
                     f"at generated position {len(s.tokens)}; check the model weights and dtype (float16 overflow?)"))
                 continue
-            s.tokens.append(tok)
-            s.draws += 1
-            s.last_lp, s.last_lq = lp, lq
-            g.sampled += 1
-            g.positions += 1
-            ended = tok in self.eos or len(s.tokens) >= s.limit
-            if not ended:
-                s.feed = tok
+            ended = s.append(tok, lp, lq, self.eos)
             stepped, ends = by_pol.setdefault(g.params.method, ([], []))
             stepped.append(s)
             if ended:
@@ -187,23 +160,9 @@ class Engine:
         for g in groups:
             g.phase_s[phase] += dt / len(groups)
 
-    def make_result(self, g: Group, tokens: List[int], row: int, buf: int = 0, accepted: int = 0, proposed: int = 0,
-                    extra: Optional[dict] = None) -> SampleResult:
+    def make_result(self, g: Group, tokens: List[int], row: int, buf: int = 0, **kw) -> SampleResult:
         """A SampleResult of `tokens`, whose log-probs are in the token buffers (buf, row, :len)."""
-        t = len(tokens)
-        lp = self.kv.lp[buf, row, :t].tolist() if row >= 0 else []
-        lq = self.kv.lq[buf, row, :t].tolist() if row >= 0 else []
-        tok = self.tokenizer
-        return SampleResult(
-            prompt_index=g.request.prompt_index, sample_index=g.index,
-            text=tok.decode(tokens, skip_special_tokens=True) if tok is not None else "",
-            token_ids=list(tokens), logp=lp, logq=lq, accepted=accepted, proposed=proposed,
-            finished_by_eos=bool(tokens) and tokens[-1] in self.eos,
-            stats={"tokens_sampled": g.sampled, "tokens_decoded": g.sampled, "tokens_prefilled": g.prefilled,
-                   "positions_computed": g.positions, "prompt_tokens": len(g.prompt),
-                   "wall_s": time.perf_counter() - g.t0, **g.phase_s},
-            method=g.params.method, extra=dict(extra or {}),
-        )
+        return build_result(self, g, tokens, row, buf, **kw)
 
     def finish_group(self, g: Group, result: SampleResult):
         """A policy's group is done: record its result and free its rows."""

@@ -42,6 +42,18 @@ class Seq:
         self.tokens, self.limit, self.feed, self.buf = tokens, limit, feed, buf
         self.phase = Phase.DECODING
 
+    def append(self, tok: int, lp: float, lq: float, eos) -> bool:
+        """Record a sampled token; True if the segment ended (EOS or its limit)."""
+        self.tokens.append(tok)
+        self.draws += 1
+        self.last_lp, self.last_lq = lp, lq
+        self.group.sampled += 1
+        self.group.positions += 1
+        ended = tok in eos or len(self.tokens) >= self.limit
+        if not ended:
+            self.feed = tok
+        return ended
+
 
 @dataclass(eq=False)
 class Group:
