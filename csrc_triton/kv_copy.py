@@ -95,5 +95,8 @@ def kv_copy_(kv: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, start: torc
         N, 2 * L, H, S, D, chunk_s,
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), kv.stride(4), kv.stride(5),
         BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        # no float arithmetic here: explicit only so that no kernel of csrc_triton depends on
+        # Triton's default (fusion on up to 3.9, which warns about it, announced off from 3.10)
+        enable_fp_fusion=False,
     )
     return None

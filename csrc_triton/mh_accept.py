@@ -125,5 +125,8 @@ def mh_accept_(cur_tok, cur_lp, cur_lq, cur_len, prop_tok, prop_lp, prop_lq, pro
         prop_tok.stride(0), prop_tok.stride(1), prop_lp.stride(0), prop_lp.stride(1),
         prop_lq.stride(0), prop_lq.stride(1), prop_len.stride(0),
         BLOCK_T=block_t, num_warps=4,
+        # log_A = alpha*(...) + (...) rounded as the reference does (no FMA), whatever Triton's
+        # default (fusion on up to Triton 3.9, announced off from 3.10)
+        enable_fp_fusion=False,
     )
     return accepted, log_a

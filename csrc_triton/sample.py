@@ -94,9 +94,15 @@ def check_positive_float(name: str, x) -> float:
     return x
 
 
+def _is_cuda(device: torch.device) -> bool:
+    """The launch plan's only question about the device (split-V, libdevice log). A function so that
+    benchmarks/compile_sm90.py can plan CUDA launches on meta tensors without a GPU."""
+    return device.type == "cuda"
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
+    if not _is_cuda(device):
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -108,7 +114,7 @@ def _block_v(V: int) -> int:
 
 
 def _auto_splits(R: int, V: int, block_v: int, device: torch.device) -> int:
-    if device.type != "cuda":
+    if not _is_cuda(device):
         return 1
     # enough programs for ~2 waves, but chunks of at least 2 tiles
     return max(1, min(triton.cdiv(2 * _num_sms(device), R), triton.cdiv(V, 2 * block_v)))
@@ -303,7 +309,7 @@ def _launch(logits, keys, tokens, inv_tau, threshold, sample: bool, num_splits: 
         logits, keys_arg, thr, tok_in, tok, lp, lq, part_f, part_i,
         V, chunk, logits.stride(0), logits.stride(1), inv_tau,
         HAS_TOPK=has_topk, SAMPLE=sample, SPLIT=n_split > 1,
-        PRECISE_LOG=dev.type == "cuda" and not _INTERPRET, BLOCK_V=block_v,
+        PRECISE_LOG=_is_cuda(dev) and not _INTERPRET, BLOCK_V=block_v,
         num_warps=8,
         # no FMA contraction: score = fl(fl(z*inv_tau) + g) exactly as the reference rounds it
         enable_fp_fusion=False,
@@ -314,6 +320,9 @@ def _launch(logits, keys, tokens, inv_tau, threshold, sample: bool, num_splits: 
             V, n_split, logits.stride(0), logits.stride(1), inv_tau,
             HAS_TOPK=has_topk, SAMPLE=sample,
             BLOCK_S=max(16, triton.next_power_of_2(n_split)), num_warps=1,
+            # _finish_row rounds as in the one-program path (no FMA), whatever Triton's default
+            # (fusion on up to Triton 3.9, announced off from 3.10)
+            enable_fp_fusion=False,
         )
     return tok, lp, lq
 

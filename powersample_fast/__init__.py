@@ -16,7 +16,7 @@ _LAZY = {
     "load": ("loader", "load"),
     "Transformer": ("model", "Transformer"),
     "ModelConfig": ("model", "ModelConfig"),
-    "KVCache": ("model", "KVCache"),
+    "KVCache": ("kv_cache", "KVCache"),
     "SampleResult": ("types", "SampleResult"),
     "PowerSampler": ("sampler", "PowerSampler"),
 }

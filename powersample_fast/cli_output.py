@@ -12,17 +12,13 @@ from .params import SamplingParams
 
 
 def expected_decode_steps(p: SamplingParams, n_chains: int, max_batch: int) -> int:
-    """Decode steps of a run if no chain stops at EOS: per chain, each stage k extends to L_k and each
-    MH step proposes from a uniform cut to L_k (on average (L_k + 1) / 2 tokens; "last_block" cuts
-    inside the stage's block only); chains run max_batch at a time."""
-    steps, prev = 0.0, 0
-    for k in range(1, p.num_blocks + 1):
-        lk = p.stage_limit(k)
-        span = lk if p.index == "uniform" else lk - prev
-        steps += (lk - prev) + p.mcmc_steps * (span + 1) / 2
-        prev = lk
+    """Decode steps of a run if no chain stops at EOS: the method's planned tokens per chain (the
+    progress bar's plan: for mh, each stage's extension plus N proposals of mean length (L_k + 1) / 2),
+    with chains decoded max_batch at a time."""
+    from .policies import get_policy
+
     rounds = -(-n_chains // max(1, min(max_batch, n_chains)))
-    return int(round(steps * rounds))
+    return int(round(get_policy(p.method).planned_tokens(p) * rounds))
 
 
 def time_decode_step(model, rows: int) -> float:
@@ -45,19 +41,26 @@ def _fmt_s(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def announce(model_name: str, p: SamplingParams, n_prompts: int, chat: bool, device, dtype, threads,
              max_batch: int, step_s: float) -> str:
     """One line: model, method, chains, budget, where it runs, and the expected time."""
     chains = n_prompts * p.n
-    rows = min(max_batch, chains)
     steps = expected_decode_steps(p, chains, max_batch)
-    thr = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
-    return (f"powersample-fast: {model_name}, power sampling (Metropolis-Hastings, alpha {p.alpha:g}, tau {p.tau:.3g}), "
-            f"{n_prompts} prompt{'s' if n_prompts != 1 else ''} x {p.n} = {chains} chain{'s' if chains != 1 else ''}"
-            f" ({rows} at a time), up to {p.max_new_tokens} new tokens (block {p.block_size}, {p.mcmc_steps} MH "
-            f"steps per block), chat template {'on' if chat else 'off'}, {device}/{str(dtype).replace('torch.', '')}"
-            f"{thr}; expected ~{_fmt_s(steps * step_s)} ({steps} decode steps at {step_s * 1e3:.0f} ms; "
-            "less when chains stop at EOS)")
+    if p.method == "mh":
+        method = f"power sampling (Metropolis-Hastings, alpha {p.alpha:g}, tau {p.tau:.3g})"
+        budget = f"block {p.block_size}, {p.mcmc_steps} MH steps per block"
+    else:
+        method, budget = f"{p.method} sampling (temperature {p.tau:.3g})", "no MCMC"
+    thr = f", {_plural(threads, 'thread')}" if threads else ""
+    return (f"powersample-fast: {model_name}, {method}, {_plural(n_prompts, 'prompt')} x {p.n} = "
+            f"{_plural(chains, 'chain')} ({min(max_batch, chains)} at a time), up to {p.max_new_tokens} new tokens "
+            f"({budget}), chat template {'on' if chat else 'off'}, {device}/{str(dtype).replace('torch.', '')}{thr}; "
+            f"expected ~{_fmt_s(steps * step_s)} ({steps} decode steps at {step_s * 1e3:.0f} ms; less when "
+            "chains stop at EOS)")
 
 
 def run_info(args, p: SamplingParams, chat: bool, model_dir, device, dtype) -> dict:

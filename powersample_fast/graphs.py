@@ -67,8 +67,7 @@ class DecodeGraphs:
             out = self.outputs[key]
         else:
             out = self._capture(key)
-        self.cache.advance(slice(0, B), 1)
-        return out
+        return out  # the caller advances the lengths of the rows that really decoded
 
     def _capture(self, key):
         fn = self._fn(*key)

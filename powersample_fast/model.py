@@ -389,53 +389,5 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self._logits(x)
 
-class KVCache:
-    """Preallocated K/V for `n_rows` rows of up to `max_len` positions; each row has its own length.
 
-    kv: [n_layers, 2, n_rows, n_kv_heads, max_len, head_dim]. Lengths live on the host
-    (`host_lengths`), since the sampler's control flow knows them without a device sync.
-    truncate is a length update; fork/copy_range copy positions of every layer in one op
-    (`ops.kv_copy_`: a Triton kernel on CUDA)."""
-
-    def __init__(self, cfg: ModelConfig, n_rows: int, max_len: int, device=None, dtype=torch.float32):
-        self.cfg = cfg
-        self.n_rows = n_rows
-        self.max_len = max_len
-        self.kv = torch.zeros(
-            cfg.n_layers, 2, n_rows, cfg.n_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype
-        )
-        self.host_lengths = [0] * n_rows
-
-    @property
-    def device(self):
-        return self.kv.device
-
-    def advance(self, rows: slice, n: int):
-        for r in range(*rows.indices(self.n_rows)):
-            self.host_lengths[r] += n
-
-    def truncate(self, row: int, length: int):
-        if not 0 <= length <= self.host_lengths[row]:
-            raise ConfigError(f"cannot truncate row {row} of length {self.host_lengths[row]} to {length}")
-        self.host_lengths[row] = length
-
-    def _copy(self, src: Sequence[int], dst: Sequence[int], start: Sequence[int], length: Sequence[int]):
-        from . import ops
-
-        t = lambda xs: torch.tensor(list(xs), dtype=torch.int64, device=self.kv.device)  # noqa: E731
-        ops.kv_copy_(self.kv, t(src), t(dst), t(start), t(length))
-
-    def fork(self, src: Sequence[int], dst: Sequence[int], length: Sequence[int]):
-        """Copy the first length[j] positions of row src[j] into row dst[j]; dst's length becomes length[j]."""
-        for s, d, n in zip(src, dst, length):
-            if not 0 <= n <= self.host_lengths[s]:
-                raise ConfigError(f"cannot fork {n} positions from row {s} of length {self.host_lengths[s]}")
-            if s == d:
-                raise ConfigError(f"fork source and destination are the same row ({s})")
-        self._copy(src, dst, [0] * len(src), length)
-        for d, n in zip(dst, length):
-            self.host_lengths[d] = n
-
-    def copy_range(self, src: Sequence[int], dst: Sequence[int], start: Sequence[int], length: Sequence[int]):
-        """Copy positions [start, start+length) of row src into row dst (lengths unchanged)."""
-        self._copy(src, dst, start, length)
+from .kv_cache import KVCache  # noqa: E402,F401  (re-exported: it lived here before)

@@ -5,7 +5,9 @@ Every extension and every MH proposal is one call of HF ``model.generate`` on th
 ``stats["tokens_prefilled"]``): this is the recomputation ``PowerSampler`` avoids. The semantics are
 those of ALGORITHM.md, not of the authors' code: a proposal runs to EOS or the stage limit L_k (it
 may be longer than the current state), the whole suffixes are compared, the index term
-log(t) - log(t') is included, and HF's default ``top_k=50`` is switched off.
+log(t) - log(t') is included, HF's default ``top_k=50`` is switched off, and a chain whose state
+ends with EOS before the last stage runs the final stage's MH steps (ALGORITHM.md step 3; the
+paper's early stop with ``early_stop=True``), exactly as ``PowerSampler`` does.
 
 Per-token lp/lq are recomputed in fp32 from the raw logits that ``generate`` returns
 (``output_logits=True``): lp = log_softmax(z)[tok], lq = log_softmax(topk(z) / tau)[tok], the same
@@ -95,12 +97,14 @@ class NaiveSampler:
         index: str = "uniform",
         n: int = 1,
         seed: Optional[int] = None,
+        early_stop: bool = False,
         chat: bool = False,
         progress: bool = True,
     ) -> List[SampleResult]:
         params = SamplingParams(
             alpha=alpha, max_new_tokens=max_new_tokens, block_size=block_size, mcmc_steps=mcmc_steps,
             proposal_temperature=proposal_temperature, top_k=top_k, index=index, n=n, seed=seed,
+            early_stop=early_stop,
         )
         prompt_ids = normalize_prompts(prompts, self.tokenizer, chat=chat)
         for i, p in enumerate(prompt_ids):
@@ -134,12 +138,14 @@ class NaiveSampler:
         lq: List[float] = []
         stats = {"tokens_sampled": 0, "tokens_decoded": 0, "tokens_prefilled": 0, "generate_calls": 0}
         accepted = proposed = 0
-        for k in range(1, params.num_blocks + 1):
+        k, jumped, K = 1, False, params.num_blocks
+        while True:
             limit = params.stage_limit(k)
             base = (k - 1) * B if params.index == "last_block" else 0
-            # 1. extend from t to EOS or L_k
-            tok, tlp, tlq = self._propose(prompt, x, limit, tau, params.top_k, stats)
-            x, lp, lq = x + tok, lp + tlp, lq + tlq
+            # 1. extend from t to EOS or L_k (not after a jump: the state is final-stage already)
+            if not jumped:
+                tok, tlp, tlq = self._propose(prompt, x, limit, tau, params.top_k, stats)
+                x, lp, lq = x + tok, lp + tlp, lq + tlq
             # 2. MH steps
             for _ in range(params.mcmc_steps):
                 t = len(x)
@@ -157,15 +163,19 @@ class NaiveSampler:
                 if log_u < log_a:
                     accepted += 1
                     x, lp, lq = x[:m] + tok, lp[:m] + tlp, lq[:m] + tlq
-            # 3. a chain that ended with EOS is finished
-            if x and x[-1] in self.eos_token_ids:
+            # 3. EOS before the last stage: jump to the final stage's N steps (or stop: early_stop,
+            #    last_block, N = 0); after the last stage the chain is finished
+            ends_eos = bool(x) and x[-1] in self.eos_token_ids
+            if k >= K or (ends_eos and (params.early_stop or params.index == "last_block" or params.mcmc_steps == 0)):
                 break
+            k, jumped = (K, True) if ends_eos else (k + 1, False)
         stats["wall_s"] = time.perf_counter() - t0
         text = self.tokenizer.decode(x, skip_special_tokens=True) if self.tokenizer is not None else ""
         return SampleResult(
             prompt_index=pi, sample_index=si, text=text, token_ids=list(x), logp=lp, logq=lq,
             accepted=accepted, proposed=proposed,
             finished_by_eos=bool(x) and x[-1] in self.eos_token_ids, stats=stats,
+            extra={"stage": k, "jumped_to_final_stage": jumped},
         )
 
     def _propose(self, prompt, kept, limit, tau, top_k, stats) -> Tuple[List[int], List[float], List[float]]:

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from .errors import ConfigError
 
 INDEX_MODES = ("uniform", "last_block")
+METHODS = ("plain", "mh")  # sampling policies (powersample_fast/policies)
 
 Prompt = Union[str, Sequence[int]]
 
@@ -42,9 +43,13 @@ def as_real(x) -> Optional[float]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Validated sampling arguments. Numbers may be any real/integer type (numpy scalars included) and
-    are stored as Python float/int; bools are rejected."""
+    """What to sample. method: "mh" (Algorithm 1, exact p^alpha) or "plain" (ancestral sampling at
+    `proposal_temperature`, default 1, the baseline). early_stop: the paper's rule (a chain whose
+    state ends with EOS before the last stage stops there; cheaper, not exact); the default jumps
+    to the final stage's MH steps instead (ALGORITHM.md step 3). Numbers may be any real/integer
+    type (numpy scalars included) and are stored as Python float/int; bools are rejected."""
 
+    method: str = "mh"
     alpha: float = 4.0
     max_new_tokens: int = 3072
     block_size: int = 192
@@ -54,6 +59,7 @@ class SamplingParams:
     index: str = "uniform"
     n: int = 1
     seed: Optional[int] = None
+    early_stop: bool = False
 
     def _set(self, name, value):
         object.__setattr__(self, name, value)  # frozen: normalise numpy scalars to Python numbers once
@@ -68,6 +74,10 @@ class SamplingParams:
         self._set(name, i)
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.early_stop, bool):
+            raise ConfigError(f"early_stop must be True or False (got {self.early_stop!r})")
         a = as_real(self.alpha)
         if a is None or not math.isfinite(a) or a <= 0:
             raise ConfigError(f"alpha must be a finite number > 0 (got {self.alpha!r}); the paper uses 4.0")
@@ -92,7 +102,10 @@ class SamplingParams:
 
     @property
     def tau(self) -> float:
-        return float(self.proposal_temperature) if self.proposal_temperature is not None else 1.0 / self.alpha
+        """Sampling temperature of the proposal (mh: default 1/alpha) or of plain sampling (default 1)."""
+        if self.proposal_temperature is not None:
+            return float(self.proposal_temperature)
+        return 1.0 if self.method == "plain" else 1.0 / self.alpha
 
     @property
     def num_blocks(self) -> int:

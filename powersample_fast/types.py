@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, List
 
 
 @dataclass
@@ -11,7 +11,7 @@ class SampleResult:
 
     token_ids: generated tokens only (the prompt excluded); logp/logq: per generated token, the
     base model log-prob (temperature 1) and the proposal log-prob. ``accepted``/``proposed``
-    count MH proposals of this chain. ``stats``: tokens_sampled (what the algorithm sampled),
+    count MH proposals of this chain. ``method``: the policy that produced it ("mh", "plain", ...). ``stats``: tokens_sampled (what the algorithm sampled),
     tokens_decoded (model positions computed in decode steps), tokens_prefilled (positions computed
     by prefill, i.e. re-computation of a prefix in the naive baseline), and seconds per phase.
     """
@@ -26,6 +26,8 @@ class SampleResult:
     proposed: int
     finished_by_eos: bool
     stats: Dict[str, float] = field(default_factory=dict)
+    method: str = "mh"
+    extra: Dict[str, Any] = field(default_factory=dict)  # the method's own outputs (and "error" if it failed)
 
     @property
     def acceptance_rate(self) -> float:

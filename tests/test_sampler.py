@@ -289,7 +289,7 @@ def test_prompt_kv_shared_between_samples(tiny):
 def test_batch_fits_free_memory(tiny, monkeypatch):
     """max_batch shrinks (with a warning) to what the KV cache can hold; a single chain that cannot
     fit is a clear error."""
-    import powersample_fast.sampler as smod
+    import powersample_fast.engine.scheduler as smod
 
     model, _ = tiny
     cfg = model.config

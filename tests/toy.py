@@ -107,6 +107,33 @@ def make_toy_model_dir(
     return path
 
 
+def make_markov_model_dir(path, next_logits: Sequence[Sequence[float]], eos_id: Optional[int]) -> pathlib.Path:
+    """A 1-layer Llama whose logits depend only on the last token: attention and MLP output weights
+    are zero, so the residual stream is the last token's embedding (one-hot, hidden 16), and
+    logits(next | last) = next_logits[last] exactly (RMSNorm of a one-hot is sqrt(hidden) on it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    table = torch.tensor(next_logits, dtype=torch.float32)  # [V (last), V (next)]
+    V, hidden = table.shape[0], 16
+    cfg = LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False, eos_token_id=eos_id, bos_token_id=None, pad_token_id=None,
+                      torch_dtype="float32")
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(V, hidden))
+        w = torch.zeros(V, hidden)
+        w[:, :V] = table.T / math.sqrt(hidden)  # w[next, last]
+        model.lm_head.weight.copy_(w)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def load_toy_model(path, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -272,40 +299,49 @@ def mh_chain_law(
     proposal_temperature: Optional[float] = None,
     top_k: Optional[int] = None,
     index: str = "uniform",
+    early_stop: bool = False,
 ) -> Law:
     """Exact law of the output of Algorithm 1 (one chain) after ``mcmc_steps`` steps per stage.
 
-    Note: even as mcmc_steps -> inf this is not exactly pi: a chain whose state ends with EOS at the
-    end of stage k < K stops there (ALGORITHM.md step 3), so those states keep their stage-k weight
-    pi_k instead of pi. The gap is computed here, not assumed (0.006 TV for the default toy)."""
+    EOS (ALGORITHM.md step 3): a state that ends with EOS after stage k < K jumps to the final stage
+    and runs its ``mcmc_steps`` steps (L_K = T) from there, so as mcmc_steps -> inf the law tends to
+    pi. With ``early_stop=True`` (or index="last_block", or no MH steps) it stops there instead and
+    keeps its stage-k weight pi_k: the paper's rule, computed here, not assumed."""
     tree = toy_tree(model, prompt, max_new_tokens, eos_id)
     tau = 1.0 / alpha if proposal_temperature is None else float(proposal_temperature)
     num_blocks = -(-max_new_tokens // block_size)
+    stop_early = early_stop or index == "last_block" or mcmc_steps == 0
     final: Law = {}
     dist: Dict[State, float] = {(): 1.0}  # unfinished states entering the stage
+    jumped: Dict[State, float] = {}  # EOS-ended states waiting for the final stage's steps
     for k in range(1, num_blocks + 1):
         limit = min(k * block_size, max_new_tokens)
         states = tree.states(limit)
         pos = {s: i for i, s in enumerate(states)}
         lp = [tree.token_logprobs(s) for s in states]
         lq = [tree.token_logprobs(s, tau, top_k) for s in states]
-        # 1. extension of each entering state
+        # 1. extension of each entering state (jumped states enter the final stage as they are)
         v = np.zeros(len(states))
         for x, px in dist.items():
             for j, y in enumerate(states):
                 if len(y) > len(x) and y[: len(x)] == x:
                     v[j] += px * math.exp(lq[j][len(x):].sum())
+        if k == num_blocks:
+            for x, px in jumped.items():
+                v[pos[x]] += px
         # 2. N MH steps: v <- v P
         if mcmc_steps > 0:
             P = _mh_matrix(states, pos, lp, lq, alpha, (k - 1) * block_size if index == "last_block" else 0)
             v = v @ np.linalg.matrix_power(P, mcmc_steps)
-        # 3. finished states leave; the rest enter the next stage
+        # 3. finished states leave (or jump); the rest enter the next stage
         dist = {}
         for j, s in enumerate(states):
             if v[j] <= 0.0:
                 continue
-            if s[-1] in tree.eos or k == num_blocks:
+            if k == num_blocks or (s[-1] in tree.eos and stop_early):
                 final[s] = final.get(s, 0.0) + float(v[j])
+            elif s[-1] in tree.eos:
+                jumped[s] = jumped.get(s, 0.0) + float(v[j])
             else:
                 dist[s] = float(v[j])
     return final

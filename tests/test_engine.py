@@ -1,0 +1,161 @@
+"""The engine API (add_request / step / abort / has_unfinished), the `plain` policy's law, and
+batches that mix methods. Laws on the enumerable toy of tests/toy.py (vocab 4, EOS 3, prompt [0, 1],
+4 new tokens, block 2)."""
+import pytest
+import torch
+import transformers as tf
+
+import powersample_fast as pf
+from powersample_fast.engine import Engine
+from powersample_fast.errors import ConfigError, NonFiniteLogitsError
+from powersample_fast.params import SamplingParams
+from toy import ALPHA, B, EOS, P_MIN, PROMPT, T, chi_square_pvalue, counts_of, mh_chain_law, proposal_law
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def toy_model(toy_dir):
+    return pf.load(toy_dir, device="cpu", dtype="float32")[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama, vocab 61, EOS 7 (real Llama-3.2-1B: dim 2048, 16 layers)."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256, eos_token_id=7)
+    m = tf.LlamaForCausalLM(cfg).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.3)
+    d = tmp_path_factory.mktemp("tiny")
+    m.save_pretrained(d)
+    return pf.load(d, device="cpu", dtype=torch.float32)[0]
+
+
+def _drain(eng):
+    out = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = o
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k", [(None, None), (0.7, 2)], ids=["t1", "t0.7-top2"])
+def test_plain_is_ancestral_sampling(toy_model, toy_dir, temperature, top_k):
+    res = pf.PowerSampler(toy_model).generate(PROMPT, method="plain", max_new_tokens=T, n=3000, seed=11,
+                                              proposal_temperature=temperature, top_k=top_k, progress=False,
+                                              max_batch=128)
+    law = proposal_law(toy_dir, PROMPT, temperature or 1.0, T, EOS, top_k=top_k)
+    assert chi_square_pvalue(counts_of(r.token_ids for r in res), law) > P_MIN
+    assert all(r.method == "plain" and r.proposed == 0 for r in res)
+
+
+def test_mixed_batch_gives_each_method_its_law(toy_model, toy_dir):
+    """plain and mh requests decode in one batch (different temperatures too); each has its law."""
+    eng = Engine(toy_model, max_batch=96, max_len=len(PROMPT) + T)
+    n = 1500
+    plain = SamplingParams(method="plain", max_new_tokens=T, n=n, seed=1, proposal_temperature=0.5)
+    mh = SamplingParams(method="mh", alpha=ALPHA, max_new_tokens=T, block_size=B, mcmc_steps=3, n=n, seed=2,
+                        proposal_temperature=1.0)
+    a, b = eng.add_request(PROMPT, plain), eng.add_request(PROMPT, mh)
+    out = _drain(eng)
+    assert eng.stats["max_batch_rows"] == 96
+    law_plain = proposal_law(toy_dir, PROMPT, 0.5, T, EOS)
+    law_mh = mh_chain_law(toy_dir, PROMPT, alpha=ALPHA, max_new_tokens=T, block_size=B, mcmc_steps=3, eos_id=EOS,
+                          proposal_temperature=1.0)
+    assert chi_square_pvalue(counts_of(r.token_ids for r in out[a].results), law_plain) > P_MIN
+    assert chi_square_pvalue(counts_of(r.token_ids for r in out[b].results), law_mh) > P_MIN
+    assert {r.method for r in out[a].results} == {"plain"} and {r.method for r in out[b].results} == {"mh"}
+
+
+def test_requests_join_a_running_batch_and_keep_their_outputs(tiny):
+    """A request added while others run joins the batch; per-request seeds make every output
+    independent of what else is in the batch (same tokens as the request run alone)."""
+    p1 = SamplingParams(alpha=3.0, max_new_tokens=24, block_size=8, mcmc_steps=2, n=2, seed=5)
+    p2 = SamplingParams(method="plain", max_new_tokens=20, n=3, seed=6)
+    alone = {}
+    for name, prompt, p in (("a", [1, 2, 3], p1), ("b", [4, 5], p2)):
+        e = Engine(tiny, max_batch=8, max_len=40)
+        e.add_request(prompt, p, request_id=name)
+        alone[name] = [r.token_ids for r in _drain(e)[name].results]
+    eng = Engine(tiny, max_batch=8, max_len=40)
+    eng.add_request([1, 2, 3], p1, request_id="a")
+    outs, steps = {}, 0
+    while eng.has_unfinished():
+        if steps == 3:
+            assert eng.num_running == 1
+            eng.add_request([4, 5], p2, request_id="b")
+            assert eng.num_waiting == 1
+        for o in eng.step():
+            outs[o.request_id] = o
+        steps += 1
+    assert eng.stats["max_batch_rows"] == 5  # 2 chains of "a" + 3 samples of "b" decoded together
+    assert {k: [r.token_ids for r in o.results] for k, o in outs.items()} == alone
+    assert all(o.finished and o.error is None for o in outs.values())
+    assert not eng.has_unfinished() and eng.step() == []
+
+
+def test_abort_frees_rows_at_once(tiny):
+    eng = Engine(tiny, max_batch=4, max_len=60)
+    p = SamplingParams(alpha=2.0, max_new_tokens=50, block_size=10, mcmc_steps=3, n=4, seed=1)
+    rid = eng.add_request([1, 2, 3], p)
+    q = eng.add_request([9, 8], SamplingParams(method="plain", max_new_tokens=5, n=2, seed=2))
+    for _ in range(3):
+        eng.step()
+    assert eng.num_waiting == 1 and len(eng.kv.free_decode) == 0  # q waits for rows
+    assert eng.abort(rid) and not eng.abort(rid) and not eng.abort("nope")
+    assert len(eng.kv.free_decode) == 4 and len(eng.kv.free_store) == 4
+    out = _drain(eng)
+    assert list(out) == [q] and len(out[q].results) == 2  # q reused the freed rows
+    assert rid not in out
+
+
+def test_stream_outputs_carry_plain_tokens(tiny):
+    eng = Engine(tiny, max_batch=4, max_len=30)
+    rid = eng.add_request([1, 2], SamplingParams(method="plain", max_new_tokens=6, n=2, seed=3), stream=True)
+    got = {0: [], 1: []}
+    final = None
+    while eng.has_unfinished():
+        for o in eng.step():
+            for i, toks in o.new_tokens.items():
+                got[i] += toks
+            if o.finished:
+                final = o
+    assert final is not None and final.request_id == rid
+    assert [got[0], got[1]] == [r.token_ids for r in final.results]
+
+
+def test_add_request_errors(tiny):
+    eng = Engine(tiny, max_batch=2, max_len=30)
+    with pytest.raises(ConfigError, match="engine's max_len of 30"):
+        eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=28))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        eng.add_request([1, 99], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ConfigError, match="SamplingParams"):
+        eng.add_request([1, 2], {"alpha": 2})
+    with pytest.raises(ConfigError, match="unknown method"):
+        SamplingParams(method="beam")
+    eng.add_request([1, 2], SamplingParams(max_new_tokens=2), request_id="x")
+    with pytest.raises(ConfigError, match="already running"):
+        eng.add_request([1, 2], SamplingParams(max_new_tokens=2), request_id="x")
+
+
+def test_one_failing_chain_keeps_the_others(tiny):
+    """Non-finite logits in one prompt's chains: by default the error is raised after the other
+    chains finished, with every result attached; errors="return" returns them, failed ones marked."""
+    w = tiny.tok_embeddings.weight
+    saved = w[60].clone()
+    try:
+        w[60] = float("nan")
+        kw = dict(max_new_tokens=6, block_size=3, mcmc_steps=1, seed=0, progress=False)
+        with pytest.raises(NonFiniteLogitsError, match=r"prompt 1, sample 0") as ei:
+            pf.PowerSampler(tiny).generate([[1, 2], [60, 2]], **kw)
+        res = ei.value.results
+        assert [(r.prompt_index, "error" in r.extra) for r in res] == [(0, False), (1, True)]
+        assert len(res[0].token_ids) == 6
+        res2 = pf.PowerSampler(tiny).generate([[1, 2], [60, 2]], errors="return", **kw)
+        assert [r.token_ids for r in res2][0] == res[0].token_ids and "non-finite" in res2[1].extra["error"]
+    finally:
+        w[60] = saved
