@@ -50,12 +50,49 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _SigintFlag:
+    """Records that Ctrl-C was pressed (then raises KeyboardInterrupt as Python's own handler does):
+    some libraries turn the KeyboardInterrupt into their own error (transformers' lazy imports raise
+    "Could not import module ..."), and that must still end as an interrupt, not as an error."""
+
+    def __init__(self):
+        self.hit, self._saved = False, None
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._saved = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._saved)
+
+
 def main(argv=None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print("powersample-fast: interrupted", file=sys.stderr)
-        return 130
+    with _SigintFlag() as ctrl_c:
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            pass
+        except PowerSampleError as e:
+            if not ctrl_c.hit:
+                print(f"powersample-fast: error: {e}", file=sys.stderr)
+                return 2
+        except Exception:
+            if not ctrl_c.hit:
+                raise
+    print("powersample-fast: interrupted", file=sys.stderr)
+    return 130
 
 
 def _main(argv) -> int:
@@ -63,11 +100,7 @@ def _main(argv) -> int:
     args = ap.parse_args(argv)
     if args.nvtx and args.profile:
         ap.error("--nvtx and --profile are exclusive: NVTX ranges are for Nsight (nsys), --profile writes a torch trace")
-    try:
-        return _sample(args)
-    except PowerSampleError as e:
-        print(f"powersample-fast: error: {e}", file=sys.stderr)
-        return 2
+    return _sample(args)
 
 
 def _sample(args) -> int:

@@ -214,3 +214,25 @@ def test_triton_from_the_environment_on_cpu(model_dir, monkeypatch, capsys):
     _no_load(monkeypatch)
     assert _run(model_dir, "--backend", "auto", "--device", "cpu") == 2
     assert "POWERSAMPLE_FAST_BACKEND=triton runs Triton kernels on CUDA" in capsys.readouterr().err
+
+
+def test_ctrl_c_turned_into_a_library_error_is_still_an_interrupt(model_dir, monkeypatch, capsys):
+    """transformers' lazy imports turn a KeyboardInterrupt into "Could not import module ..."; we
+    wrap that as a ModelLoadError. The CLI remembers the Ctrl-C and reports an interrupt anyway."""
+    from powersample_fast.errors import ModelLoadError
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("the test runner replaced Python's SIGINT handler")
+
+    def swallowing(*a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt here
+        except KeyboardInterrupt:
+            raise ModelLoadError("cannot load the tokenizer: Could not import module 'LlamaConfig'") from None
+        pytest.fail("SIGINT was not delivered")
+
+    monkeypatch.setattr(loader_mod, "load_tokenizer", swallowing)
+    assert _run(model_dir) == 130
+    assert capsys.readouterr().err == "powersample-fast: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
