@@ -46,7 +46,10 @@ def parse_line(line: int, raw: str, defaults: dict, tokenizer, chat: bool, param
     """A Job, or an error record (dict) for a line that cannot run."""
     obj = None
     try:
-        obj = json.loads(raw)
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"not valid JSON ({e})") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"a line must be a JSON object (got {type(obj).__name__})")
         if not isinstance(obj.get("id"), (str, int)) or isinstance(obj.get("id"), bool):
@@ -134,7 +137,6 @@ def add_parser(subparsers):
 
 def main(args) -> int:
     info = distributed.init()
-    t0 = time.perf_counter()
     try:
         ok, err = True, None
         try:
@@ -170,14 +172,14 @@ def main(args) -> int:
             if not info.owns(no) or no in done_lines or (isinstance(item, Job) and str(item.id) in done_ids):
                 continue
             todo.append(item)
-        tokens = _run(engine, store, todo, args, info)
+        tokens, wall = _run(engine, store, todo, args, info)
     except KeyboardInterrupt:
         print("powersample-fast: interrupted; continue with --resume", file=sys.stderr)
         return 130
-    parts = distributed.gather(info, tokens)
+    parts = distributed.gather(info, (tokens, wall))
     distributed.barrier(info)
-    if info.is_main:
-        summary = summarize(store.merge(), sum(parts), time.perf_counter() - t0)
+    if info.is_main:  # tokens/s: all ranks' tokens over the slowest rank's sampling time
+        summary = summarize(store.merge(), sum(p[0] for p in parts), max(p[1] for p in parts))
         with open(f"{args.output}.summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
         print("summary: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -186,8 +188,8 @@ def main(args) -> int:
     return 0
 
 
-def _run(engine, store: ResultStore, todo: list, args, info) -> int:
-    """Feed the engine, append each record as its request finishes. Returns tokens sampled."""
+def _run(engine, store: ResultStore, todo: list, args, info):
+    """Feed the engine, append each record as its request finishes. Returns (tokens sampled, seconds)."""
     from tqdm.auto import tqdm
 
     store.open()
@@ -220,8 +222,8 @@ def _run(engine, store: ResultStore, todo: list, args, info) -> int:
                 else:
                     rec = record(job, o.results, args.grade)
                     tokens += sum(r.stats.get("tokens_sampled", 0) for r in o.results)
-                    if "num_correct" in rec:
-                        graded, correct = graded + len(rec["samples"]), correct + rec["num_correct"]
+                    if "num_correct" in rec:  # running accuracy, as in the summary: mean over lines
+                        graded, correct = graded + 1, correct + rec["num_correct"] / len(rec["samples"])
                 store.append(rec)
                 bar.update(1)
                 post = {"tok/s": f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}"}
@@ -231,4 +233,4 @@ def _run(engine, store: ResultStore, todo: list, args, info) -> int:
     finally:
         bar.close()
         store.close()
-    return tokens
+    return tokens, time.perf_counter() - t0
