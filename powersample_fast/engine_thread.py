@@ -19,7 +19,7 @@ class EngineWorker:
         self.lock = threading.Lock()
         self.pending = 0  # engine requests reserved by handlers and not yet released
         self.counters = {"requests": 0, "finished": 0, "aborted": 0, "errors": 0, "rejected_full": 0}
-        self.snapshot = {"engine": dict(engine.stats), "num_running": 0, "num_waiting": 0}
+        self.snapshot = {"engine": dict(engine.stats), "num_running": 0, "num_waiting": 0, "max_running_requests": 0}
         self.thread = threading.Thread(target=self._run, name="powersample-engine", daemon=True)
         self._stop = False
 
@@ -84,12 +84,14 @@ class EngineWorker:
                 msg = self.inbox.get(timeout=1.0) if not eng.has_unfinished() else self.inbox.get_nowait()
             except queue.Empty:
                 msg = None
-            while msg is not None:
-                self._handle(msg)
-                try:
-                    msg = self.inbox.get_nowait()
-                except queue.Empty:
-                    msg = None
+            if msg is not None:
+                while msg is not None:
+                    self._handle(msg)
+                    try:
+                        msg = self.inbox.get_nowait()
+                    except queue.Empty:
+                        msg = None
+                self._snap(0)
             if self._stop or not eng.has_unfinished():
                 continue
             try:
@@ -107,5 +109,12 @@ class EngineWorker:
                     self.counters["errors" if o.error is not None else "finished"] += 1
                 if sink is not None:
                     sink(o)
-            self.snapshot = {"engine": dict(eng.stats), "num_running": eng.num_running,
-                             "num_waiting": eng.num_waiting}
+            self._snap(sum(o.finished for o in outs))
+
+    def _snap(self, just_finished: int):
+        """Publish the engine's stats for /stats (one atomic assignment; read from other threads)."""
+        eng = self.engine
+        # requests that decoded together in the last step: those still running + those it finished
+        busiest = max(self.snapshot["max_running_requests"], eng.num_running + just_finished)
+        self.snapshot = {"engine": dict(eng.stats), "num_running": eng.num_running,
+                         "num_waiting": eng.num_waiting, "max_running_requests": busiest}

@@ -10,6 +10,7 @@ and aborts / batching can be observed.
 from __future__ import annotations
 
 import itertools
+import time
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -124,6 +125,7 @@ class Engine:
             self._sample(r)
             self.running.append(r)
             rows += r.params.n
+        time.sleep(0.001)  # a decode step's duration, so that requests overlap as in the engine
         self.stats["decode_steps"] += 1
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], rows)
         outs = []
