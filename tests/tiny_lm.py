@@ -13,6 +13,7 @@ sqrt(H), undone in lm_head). That makes outputs controllable:
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,3 +108,28 @@ def subprocess_env(**extra):
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.update(extra)
     return env
+
+
+@contextmanager
+def engine_in_process():
+    """Lets `cli.main(["run", ...])` run in this process. While the engine stand-in exists it is
+    installed for the duration only (it swaps `params.SamplingParams`), then everything is restored."""
+    try:
+        import _fake_engine
+    except ImportError:  # the real engine
+        yield
+        return
+    import sys
+
+    import powersample_fast
+    from powersample_fast import params
+
+    saved = params.SamplingParams
+    _fake_engine.install()
+    try:
+        yield
+    finally:
+        params.SamplingParams = saved
+        sys.modules.pop("powersample_fast.engine", None)
+        if hasattr(powersample_fast, "engine"):
+            del powersample_fast.engine
