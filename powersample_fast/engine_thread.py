@@ -17,7 +17,7 @@ class EngineWorker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sinks = {}  # request id -> callable taking a RequestOutput (engine thread only)
         self.lock = threading.Lock()
-        self.pending = 0  # engine requests reserved by handlers and not yet released
+        self.pending = 0  # chains (prompts x n) reserved by handlers and not yet released
         self.counters = {"requests": 0, "finished": 0, "aborted": 0, "errors": 0, "rejected_full": 0}
         self.snapshot = {"engine": dict(engine.stats), "num_running": 0, "num_waiting": 0, "max_running_requests": 0}
         self.thread = threading.Thread(target=self._run, name="powersample-engine", daemon=True)

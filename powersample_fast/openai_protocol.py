@@ -117,8 +117,8 @@ def parse_request(body, *, chat: bool, tokenizer, context: int, param_cls) -> Pa
         raise ConfigError("best_of is not supported (every sample is returned); use n")
     params = param_cls(**kw)  # validates: the Python API's messages
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) and s for s in stop):
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ConfigError("'stop' must be a non-empty string or a list of them")
     opts = body.get("stream_options") or {}
     return Parsed(prompts, params, stream=bool(body.get("stream", False)),

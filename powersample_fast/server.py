@@ -73,9 +73,12 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, context: int):
                                       param_cls=SamplingParams)
         except ConfigError as e:
             return _error(400, str(e))
-        k = len(req.prompts)
+        k = len(req.prompts) * req.params.n  # chains
+        if k > worker.max_pending:
+            return _error(400, f"this request asks for {k} chains (prompts x n), more than the server's "
+                               f"--max-pending {worker.max_pending}")
         if not worker.reserve(k):
-            return _error(503, f"the server is full ({worker.max_pending} requests pending); retry later",
+            return _error(503, f"the server is full ({worker.max_pending} chains pending); retry later",
                           headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -114,19 +117,23 @@ class _Call:
         self.worker, self.request, self.req, self.events = worker, request, req, events
         self.rids, self.reserved = list(rids), reserved
         self.open = set(self.rids)
+        self.checked = 0.0  # event-loop time of the last disconnect check
 
     async def next(self):
-        """The next RequestOutput; None when the client has gone (its requests are then aborted)."""
-        waited = 0.0
+        """The next RequestOutput, "ping" after PING_S of silence, or None when the client has gone
+        (its requests are then aborted). The client is checked every POLL_S, also while outputs flow."""
+        loop = asyncio.get_running_loop()
+        silent_since = loop.time()
         while True:
-            try:
-                item = await asyncio.wait_for(self.events.get(), POLL_S)
-            except asyncio.TimeoutError:
-                waited += POLL_S
+            if loop.time() - self.checked >= POLL_S:
+                self.checked = loop.time()
                 if await self.request.is_disconnected():
                     self.close()
                     return None
-                if waited >= PING_S:
+            try:
+                item = await asyncio.wait_for(self.events.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if loop.time() - silent_since >= PING_S:
                     return "ping"
                 continue
             if isinstance(item, tuple):  # ("error", exc): the engine failed as a whole
@@ -224,7 +231,7 @@ def add_parser(subparsers):
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
     s.add_argument("--max-pending", type=int, default=256,
-                   help="requests (one per prompt) queued or running before new ones get 503 (default 256)")
+                   help="chains (prompts x n) queued or running before new requests get 503 (default 256)")
     s.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the --model value)")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")

@@ -151,6 +151,8 @@ def test_concurrent_clients_share_the_batch(server):
     ({"prompt": "a" * 200, "max_tokens": 100}, 400, "context"),
     ({"max_tokens": 3}, 400, "'prompt' must be"),
     ({"prompt": "hi", "top_p": 0.5}, 400, "top_p=0.5 is not supported"),
+    ({"prompt": "hi", "stop": 5}, 400, "'stop' must be"),
+    ({"prompt": "hi", "n": 9}, 400, "more than the server's --max-pending 8"),
     ("{not json", 400, "not valid JSON"),
 ])
 def test_bad_requests_are_400(server, body, status, match):
@@ -192,6 +194,22 @@ def test_disconnect_frees_rows_and_full_queue_is_503(server):
         time.sleep(0.05)
     r = httpx.post(server.url + "/v1/completions", json={"prompt": ["p"] * 8, "max_tokens": 2, **MH}, timeout=30)
     assert r.status_code == 200 and len(r.json()["choices"]) == 8
+
+
+def test_stream_disconnect_frees_rows(server):
+    before = stats(server)["requests"]["aborted"]
+    body = {"prompt": "s", "max_tokens": 250, "method": "plain", "stream": True, "seed": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        first = next(line for line in r.iter_lines() if line)
+        assert first.startswith("data: {")
+    # the stream is closed after one token of 250: the request is aborted
+    deadline = time.time() + 30
+    while True:
+        st = stats(server)
+        if st["requests"]["aborted"] == before + 1 and st["pending"] == 0 and st["num_running"] == 0:
+            break
+        assert time.time() < deadline, st
+        time.sleep(0.05)
 
 
 def test_still_healthy_afterwards(server):
