@@ -89,7 +89,8 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, context: int):
             except RuntimeError:  # the event loop is gone (shutdown)
                 pass
 
-        worker.submit(req.prompts, req.params, req.stream, sink)
+        # token-by-token updates only for plain: an MH chain's tokens are not final until it ends
+        worker.submit(req.prompts, req.params, req.stream and req.params.method == "plain", sink)
         kind, payload = await events.get()
         if kind == "error":
             worker.release(k)
@@ -202,7 +203,7 @@ class _Call:
                     yield f"data: {json.dumps({'error': {'message': f'{type(o.error).__name__}: {o.error}'}})}\n\n"
                     return
                 base = self.rids.index(o.request_id) * n
-                for j, ids in sorted(o.new_tokens.items()):
+                for j, ids in sorted(o.new_tokens.items() if self.req.params.method == "plain" else ()):
                     ts = streams.setdefault(base + j, proto.TextStream(tokenizer, self.req.stop))
                     first = ts.chunks == 0
                     delta = ts.push(ids)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from powersample_fast import cli
-from tiny_lm import cli_command, engine_in_process, make_oracle_model_dir, make_random_model_dir, subprocess_env
+from tiny_lm import cli_command, make_oracle_model_dir, make_random_model_dir, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,8 +16,7 @@ MH = ["--max-new-tokens", "24", "--block-size", "8", "--steps", "2", "--max-batc
 
 
 def run(*args):
-    with engine_in_process():
-        return cli.main(["run", *map(str, args)])
+    return cli.main(["run", *map(str, args)])
 
 
 def records(path):

@@ -7,7 +7,7 @@ import pytest
 
 from powersample_fast import cli
 from powersample_fast.distributed import DistInfo
-from tiny_lm import cli_command, engine_in_process, make_random_model_dir, subprocess_env
+from tiny_lm import cli_command, make_random_model_dir, subprocess_env
 
 ARGS = ["--max-new-tokens", "16", "--block-size", "8", "--steps", "2", "--max-batch", "4", "--no-progress", "--seed", "7"]
 
@@ -36,12 +36,11 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     one = tmp_path / "one.jsonl"
-    with engine_in_process():
-        assert cli.main(["run", "--model", str(model), "--input", str(inp), "--output", str(one), *ARGS]) == 0
+    assert cli.main(["run", "--model", str(model), "--input", str(inp), "--output", str(one), *ARGS]) == 0
     two = tmp_path / "two.jsonl"
     cmd = cli_command()
     proc = subprocess.run(
-        [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:],
+        [cmd[0], "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *cmd[1:],  # -m powersample_fast.cli
          "run", "--model", str(model), "--input", str(inp), "--output", str(two), *ARGS],
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

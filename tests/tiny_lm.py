@@ -13,7 +13,6 @@ sqrt(H), undone in lm_head). That makes outputs controllable:
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -93,9 +92,8 @@ def make_oracle_model_dir(d, ctx: int = 256):
 def cli_command():
     """argv prefix that runs `powersample-fast` from this checkout in a subprocess."""
     import sys
-    from pathlib import Path
 
-    return [sys.executable, str(Path(__file__).parent / "_cli_launch.py")]
+    return [sys.executable, "-m", "powersample_fast.cli"]
 
 
 def subprocess_env(**extra):
@@ -109,27 +107,3 @@ def subprocess_env(**extra):
     env.update(extra)
     return env
 
-
-@contextmanager
-def engine_in_process():
-    """Lets `cli.main(["run", ...])` run in this process. While the engine stand-in exists it is
-    installed for the duration only (it swaps `params.SamplingParams`), then everything is restored."""
-    try:
-        import _fake_engine
-    except ImportError:  # the real engine
-        yield
-        return
-    import sys
-
-    import powersample_fast
-    from powersample_fast import params
-
-    saved = params.SamplingParams
-    _fake_engine.install()
-    try:
-        yield
-    finally:
-        params.SamplingParams = saved
-        sys.modules.pop("powersample_fast.engine", None)
-        if hasattr(powersample_fast, "engine"):
-            del powersample_fast.engine
