@@ -173,7 +173,7 @@ def new_id(prefix: str) -> str:
 
 def choice_extra(r) -> dict:
     """What a choice carries besides the OpenAI fields."""
-    return {"power_sample": {"accepted": r.accepted, "proposed": r.proposed, "finished_by_eos": r.finished_by_eos,
+    return {"power_sample": {"method": getattr(r, "method", None), "accepted": r.accepted, "proposed": r.proposed, "finished_by_eos": r.finished_by_eos,
                              "logp_sum": float(sum(r.logp)), "num_tokens": len(r.token_ids), "stats": r.stats}}
 
 

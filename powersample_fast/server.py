@@ -82,8 +82,13 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, context: int):
                           headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        gone = []  # set when this handler was cancelled before its requests were queued
 
-        def sink(item):
+        def sink(item):  # called from the engine thread
+            if gone:
+                if isinstance(item, tuple) and item[0] == "added":
+                    worker.abort(item[1])
+                return
             try:
                 loop.call_soon_threadsafe(events.put_nowait, item)
             except RuntimeError:  # the event loop is gone (shutdown)
@@ -91,7 +96,12 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, context: int):
 
         # token-by-token updates only for plain: an MH chain's tokens are not final until it ends
         worker.submit(req.prompts, req.params, req.stream and req.params.method == "plain", sink)
-        kind, payload = await events.get()
+        try:
+            kind, payload = await events.get()
+        except asyncio.CancelledError:
+            gone.append(True)
+            worker.release(k)
+            raise
         if kind == "error":
             worker.release(k)
             return _error(400 if isinstance(payload, ValueError) else 500, str(payload))

@@ -80,6 +80,7 @@ def test_good_malformed_and_duplicate_lines(random_model, tmp_path):
     assert run("--model", random_model, "--input", inp, "--output", out, *MH) == 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_file(random_model, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", _problems(16))
     ref = tmp_path / "ref.jsonl"
