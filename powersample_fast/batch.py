@@ -129,6 +129,8 @@ def add_parser(subparsers):
     r.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
     r.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)")
     r.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    r.add_argument("--max-len", type=int, default=None,
+                   help="positions per KV row, prompt + new tokens (default: the model's context)")
     r.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=main)
@@ -150,7 +152,8 @@ def main(args) -> int:
             from .params import SamplingParams
 
             model, tok = load(args.model, device=distributed.device_for(info, args.device), dtype=args.dtype)
-            engine = Engine(model, tok, max_batch=args.max_batch, cuda_graphs=args.cuda_graphs)
+            engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
+                            cuda_graphs=args.cuda_graphs)
             defaults = {_CLI_TO_FIELD[k]: v for k, v in vars(args).items() if k in _CLI_TO_FIELD and v is not None}
             SamplingParams(**defaults)  # fail early on bad command-line parameters
         except (PowerSampleError, OSError) as e:

@@ -101,8 +101,8 @@ def parse_request(body, *, chat: bool, tokenizer, context: int, param_cls) -> Pa
         kw["max_new_tokens"] = budget[0]
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise ConfigError(f"the prompt has {longest} tokens, which leaves no room in the model's context of "
-                          f"{context} tokens; shorten the prompt")
+        raise ConfigError(f"the prompt has {longest} tokens, which leaves no room for new tokens in the context "
+                          f"of {context} tokens; shorten the prompt")
     if "max_new_tokens" not in kw:  # default: the method's budget, cut to what the context leaves
         default = next(f.default for f in dataclasses.fields(param_cls) if f.name == "max_new_tokens")
         kw["max_new_tokens"] = min(default, context - longest)

@@ -246,6 +246,8 @@ def add_parser(subparsers):
     s.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the --model value)")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    s.add_argument("--max-len", type=int, default=None,
+                   help="positions per KV row, prompt + new tokens (default: the model's context)")
     s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
     s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     s.set_defaults(func=main)
@@ -262,10 +264,11 @@ def main(args) -> int:
     from .loader import load
 
     model, tok = load(args.model, device=args.device, dtype=args.dtype)
-    engine = Engine(model, tok, max_batch=args.max_batch, cuda_graphs=args.cuda_graphs)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
+                    cuda_graphs=args.cuda_graphs)
     name = args.served_model_name or args.model
     worker = EngineWorker(engine, max_pending=args.max_pending)
-    app = build_app(worker, tok, name, model.config.max_seq_len)
+    app = build_app(worker, tok, name, min(engine.max_len, model.config.max_seq_len))
     print(f"powersample-fast: serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

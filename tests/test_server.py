@@ -147,7 +147,7 @@ def test_concurrent_clients_share_the_batch(server):
     ({"prompt": "hi", "n": "two"}, 400, "n (samples per prompt) must be an integer >= 1 (got 'two')"),
     ({"prompt": "hi", "method": "nope"}, 400, "'nope'"),
     ({"prompt": "hi", "mcmc_step": 3}, 400, "unknown parameter 'mcmc_step'; did you mean 'mcmc_steps'?"),
-    ({"prompt": "a" * 2100}, 400, "leaves no room in the model's context of 2048 tokens"),
+    ({"prompt": "a" * 2100}, 400, "leaves no room for new tokens in the context of 2048 tokens"),
     ({"prompt": "a" * 2000, "max_tokens": 100}, 400, "exceeds the model's context of 2048 tokens"),
     ({"max_tokens": 3}, 400, "'prompt' must be"),
     ({"prompt": "hi", "top_p": 0.5}, 400, "top_p=0.5 is not supported"),
