@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", metavar="TRACE.json", default=None, help="write a torch profiler (Chrome/Perfetto) trace")
     s.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (prefill/decode/sample/fork/accept) for Nsight")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from . import batch, server  # `serve` and `run`: each module owns its parser and main
+
+    server.add_parser(sub)
+    batch.add_parser(sub)
     return ap
 
 
@@ -98,6 +102,8 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
+    if args.cmd in ("serve", "run"):
+        return args.func(args)
     if args.nvtx and args.profile:
         ap.error("--nvtx and --profile are exclusive: NVTX ranges are for Nsight (nsys), --profile writes a torch trace")
     return _sample(args)

@@ -142,7 +142,7 @@ class Engine:
             stepped.append(s)
             if ended:
                 ends.append(s)
-            if g.request.stream:
+            if g.request.stream and g.params.method == "plain":  # samplers stream nothing until final
                 o = stream.setdefault(g.request.request_id, RequestOutput(g.request.request_id, False))
                 o.new_tokens.setdefault(g.index, []).append(tok)
         for method, (stepped, ends) in by_pol.items():
