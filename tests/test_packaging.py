@@ -38,6 +38,25 @@ def test_license_is_an_spdx_expression_without_deprecation_warnings(tmp_path):
     assert "setuptools>=77" in req  # first setuptools with PEP 639 license expressions
 
 
+def test_wheel_holds_every_subpackage(tmp_path):
+    """A non-editable install gets every package directory (engine/, policies/ were left out once)."""
+    import zipfile
+
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for pkg in ("powersample_fast", "csrc_triton"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "dist").mkdir()
+    code = "import setuptools.build_meta as b, sys; print(b.build_wheel(sys.argv[1]))"
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = set(zipfile.ZipFile(tmp_path / "dist" / res.stdout.strip().splitlines()[-1]).namelist())
+    want = {str(p.relative_to(REPO)) for pkg in ("powersample_fast", "csrc_triton") for p in (REPO / pkg).rglob("*.py")
+            if "__pycache__" not in p.parts}
+    assert want <= names, sorted(want - names)
+
+
 @pytest.fixture
 def fake_venv(tmp_path):
     """A VENV whose python prints its argv as JSON, so a make target's command line can be read back."""
