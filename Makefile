@@ -3,7 +3,7 @@
 # first, then `pip install -e .`). The CLI is then .venv/bin/powersample-fast (or `make sample ARGS='...'`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# make run: one short chat prompt, a 128-token budget, 2 MH steps per block: ~15-25 s on a 2-core CPU
+# make run: one short chat prompt, a 128-token budget, 2 MH steps per block: 20-30 s on a 2-core CPU
 PROMPT ?= Tom has 3 apples and buys 5 more. How many apples does he have now?
 RUN_ARGS ?= --max-new-tokens 128 --block-size 64 --steps 2 --n 1 --seed 0
 EXTRA_ARGS ?=
