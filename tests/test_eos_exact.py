@@ -84,6 +84,7 @@ def test_jump_is_reported_and_last_block_keeps_early_stop(markov_dir):
     assert not any(r.extra["jumped_to_final_stage"] for r in lb)
 
 
+@pytest.mark.slow
 def test_naive_follows_the_same_rule(markov_dir):
     """The naive baseline jumps too: same seed scheme, same law (two-sample check on a few hundred
     chains against the computed law; the naive sampler is slow)."""

@@ -52,6 +52,7 @@ def _check_token_logprobs(toy_dir, results, tau, top_k=None, eos=EOS):
         assert r.finished_by_eos == (s[-1] in tree.eos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "tau,top_k,eos,n",
     [(None, None, [EOS], 3000), (1.0, 2, [EOS], 1500), (1.0, None, [2, EOS], 1500)],
@@ -68,6 +69,7 @@ def test_no_mcmc_is_the_proposal_chain(sampler, toy_dir, tau, top_k, eos, n):
     assert all(r.proposed == 0 and r.accepted == 0 for r in res)
 
 
+@pytest.mark.slow
 def test_converges_to_power_law(sampler, toy_dir):
     n, steps = 800, 12
     res = _run(sampler, n, mcmc_steps=steps, proposal_temperature=1.0, seed=12)
@@ -88,6 +90,7 @@ def test_converges_to_power_law(sampler, toy_dir):
     _check_token_logprobs(toy_dir, res, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index,tau", [("uniform", None), ("last_block", 1.0)])
 def test_few_steps_exact_law(sampler, toy_dir, index, tau):
     """Default tau = 1/alpha (lq != lp, index term active) and last_block mode, 3 steps: chi-square

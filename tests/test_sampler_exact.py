@@ -83,6 +83,7 @@ def test_few_steps_exact_law(sampler, toy_dir, index, tau):
     assert 0 < sum(r.accepted for r in res) < sum(r.proposed for r in res)
 
 
+@pytest.mark.slow
 def test_fast_and_naive_agree(sampler, toy_dir):
     """Two-sample chi-square between the fast sampler and the naive baseline (HF generate)."""
     kw = dict(mcmc_steps=3, proposal_temperature=None)
@@ -106,6 +107,7 @@ def test_fast_and_naive_agree(sampler, toy_dir):
     assert p > P_MIN, (p, table)
 
 
+@pytest.mark.slow
 def test_distribution_with_triton_kernels(sampler, toy_dir, monkeypatch):
     """The same exactness check with the Triton kernels forced (interpreted on CPU)."""
     from powersample_fast import ops
