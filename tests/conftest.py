@@ -33,3 +33,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(our model, the HF model): a tiny random Llama, vocab 61, EOS id 7, weights N(0, 0.3)
+    (real Llama-3.2-1B: dim 2048, 16 layers)."""
+    import torch
+    import transformers as tf
+
+    import powersample_fast as pf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256, eos_token_id=7)
+    m = tf.LlamaForCausalLM(cfg).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.3)
+    d = tmp_path_factory.mktemp("tiny")
+    m.save_pretrained(d)
+    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
+    return model, m

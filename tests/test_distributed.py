@@ -7,19 +7,10 @@ import pytest
 
 from powersample_fast import cli
 from powersample_fast.distributed import DistInfo
+from test_batch_run import records
 from tiny_lm import cli_command, make_random_model_dir, subprocess_env
 
 ARGS = ["--max-new-tokens", "16", "--block-size", "8", "--steps", "2", "--max-batch", "4", "--no-progress", "--seed", "7"]
-
-
-def records(path):
-    out = []
-    for line in open(path):
-        r = json.loads(line)
-        for s in r.get("samples", []):
-            s["stats"] = {k: v for k, v in s["stats"].items() if not k.endswith("_s")}
-        out.append(r)
-    return out
 
 
 def test_shards_cover_every_line_once():

@@ -2,8 +2,6 @@
 batches that mix methods. Laws on the enumerable toy of tests/toy.py (vocab 4, EOS 3, prompt [0, 1],
 4 new tokens, block 2)."""
 import pytest
-import torch
-import transformers as tf
 
 import powersample_fast as pf
 from powersample_fast.engine import Engine
@@ -20,17 +18,8 @@ def toy_model(toy_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Llama, vocab 61, EOS 7 (real Llama-3.2-1B: dim 2048, 16 layers)."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256, eos_token_id=7)
-    m = tf.LlamaForCausalLM(cfg).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.3)
-    d = tmp_path_factory.mktemp("tiny")
-    m.save_pretrained(d)
-    return pf.load(d, device="cpu", dtype=torch.float32)[0]
+def tiny_model(tiny):
+    return tiny[0]
 
 
 def _drain(eng):
@@ -70,17 +59,17 @@ def test_mixed_batch_gives_each_method_its_law(toy_model, toy_dir):
     assert {r.method for r in out[a].results} == {"plain"} and {r.method for r in out[b].results} == {"mh"}
 
 
-def test_requests_join_a_running_batch_and_keep_their_outputs(tiny):
+def test_requests_join_a_running_batch_and_keep_their_outputs(tiny_model):
     """A request added while others run joins the batch; per-request seeds make every output
     independent of what else is in the batch (same tokens as the request run alone)."""
     p1 = SamplingParams(alpha=3.0, max_new_tokens=24, block_size=8, mcmc_steps=2, n=2, seed=5)
     p2 = SamplingParams(method="plain", max_new_tokens=20, n=3, seed=6)
     alone = {}
     for name, prompt, p in (("a", [1, 2, 3], p1), ("b", [4, 5], p2)):
-        e = Engine(tiny, max_batch=8, max_len=40)
+        e = Engine(tiny_model, max_batch=8, max_len=40)
         e.add_request(prompt, p, request_id=name)
         alone[name] = [r.token_ids for r in _drain(e)[name].results]
-    eng = Engine(tiny, max_batch=8, max_len=40)
+    eng = Engine(tiny_model, max_batch=8, max_len=40)
     eng.add_request([1, 2, 3], p1, request_id="a")
     outs, steps = {}, 0
     while eng.has_unfinished():
@@ -97,8 +86,8 @@ def test_requests_join_a_running_batch_and_keep_their_outputs(tiny):
     assert not eng.has_unfinished() and eng.step() == []
 
 
-def test_abort_frees_rows_at_once(tiny):
-    eng = Engine(tiny, max_batch=4, max_len=60)
+def test_abort_frees_rows_at_once(tiny_model):
+    eng = Engine(tiny_model, max_batch=4, max_len=60)
     p = SamplingParams(alpha=2.0, max_new_tokens=50, block_size=10, mcmc_steps=3, n=4, seed=1)
     rid = eng.add_request([1, 2, 3], p)
     q = eng.add_request([9, 8], SamplingParams(method="plain", max_new_tokens=5, n=2, seed=2))
@@ -112,8 +101,8 @@ def test_abort_frees_rows_at_once(tiny):
     assert rid not in out
 
 
-def test_stream_outputs_carry_plain_tokens(tiny):
-    eng = Engine(tiny, max_batch=4, max_len=30)
+def test_stream_outputs_carry_plain_tokens(tiny_model):
+    eng = Engine(tiny_model, max_batch=4, max_len=30)
     rid = eng.add_request([1, 2], SamplingParams(method="plain", max_new_tokens=6, n=2, seed=3), stream=True)
     got = {0: [], 1: []}
     final = None
@@ -127,8 +116,8 @@ def test_stream_outputs_carry_plain_tokens(tiny):
     assert [got[0], got[1]] == [r.token_ids for r in final.results]
 
 
-def test_add_request_errors(tiny):
-    eng = Engine(tiny, max_batch=2, max_len=30)
+def test_add_request_errors(tiny_model):
+    eng = Engine(tiny_model, max_batch=2, max_len=30)
     with pytest.raises(ConfigError, match="engine's max_len of 30"):
         eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=28))
     with pytest.raises(ConfigError, match="outside the vocabulary"):
@@ -142,20 +131,20 @@ def test_add_request_errors(tiny):
         eng.add_request([1, 2], SamplingParams(max_new_tokens=2), request_id="x")
 
 
-def test_one_failing_chain_keeps_the_others(tiny):
+def test_one_failing_chain_keeps_the_others(tiny_model):
     """Non-finite logits in one prompt's chains: by default the error is raised after the other
     chains finished, with every result attached; errors="return" returns them, failed ones marked."""
-    w = tiny.tok_embeddings.weight
+    w = tiny_model.tok_embeddings.weight
     saved = w[60].clone()
     try:
         w[60] = float("nan")
         kw = dict(max_new_tokens=6, block_size=3, mcmc_steps=1, seed=0, progress=False)
         with pytest.raises(NonFiniteLogitsError, match=r"prompt 1, sample 0") as ei:
-            pf.PowerSampler(tiny).generate([[1, 2], [60, 2]], **kw)
+            pf.PowerSampler(tiny_model).generate([[1, 2], [60, 2]], **kw)
         res = ei.value.results
         assert [(r.prompt_index, "error" in r.extra) for r in res] == [(0, False), (1, True)]
         assert len(res[0].token_ids) == 6
-        res2 = pf.PowerSampler(tiny).generate([[1, 2], [60, 2]], errors="return", **kw)
+        res2 = pf.PowerSampler(tiny_model).generate([[1, 2], [60, 2]], errors="return", **kw)
         assert [r.token_ids for r in res2][0] == res[0].token_ids and "non-finite" in res2[1].extra["error"]
     finally:
         w[60] = saved

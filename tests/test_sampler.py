@@ -4,26 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers as tf
 
-import powersample_fast as pf
 from powersample_fast.errors import ConfigError, NonFiniteLogitsError
 from powersample_fast.sampler import PowerSampler
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Llama with vocab 61 and EOS id 7 (real Llama-3.2-1B: dim 2048, 16 layers)."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256, eos_token_id=7)
-    m = tf.LlamaForCausalLM(cfg).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.3)
-    d = tmp_path_factory.mktemp("tiny")
-    m.save_pretrained(d)
-    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
-    return model, m
 
 
 def _recompute_logprobs(model, prompt, tokens, tau):
