@@ -30,12 +30,36 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on CUDA, fp32 on CPU)")
     s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
     s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
-    s.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    m = s.add_argument_group("methods", "power-sampling method and its parameters (defaults: the papers')")
+    m.add_argument("--method", default=None, choices=["plain", "mh", "smc", "sps"],
+                   help="mh: Algorithm 1 (default); smc: Power-SMC; sps: Scalable Power Sampling; plain: ancestral")
+    m.add_argument("--particles", type=int, default=None, help="smc: particles N per sample (default 64)")
+    m.add_argument("--ess-threshold", type=float, default=None, help="smc: resample when ESS < this * N (default 0.5)")
+    m.add_argument("--resample-every", type=int, default=None, help="smc: ESS check every this many tokens (default 1)")
+    m.add_argument("--alpha-ramp-tokens", type=int, default=None, help="smc: ramp the exponent 1 -> alpha over this many tokens (default 0: off)")
+    m.add_argument("--return-all", action="store_true", default=None, help="smc: all particles and weights in --json")
+    m.add_argument("--sps-top-k", type=int, default=None, help="sps: candidates K per token (default 8)")
+    m.add_argument("--sps-rollouts", type=int, default=None, help="sps: rollouts M per candidate (default 8)")
+    m.add_argument("--sps-horizon", type=int, default=None, help="sps: rollout length H (default 192)")
+    s.add_argument("--json", action="store_true", help="print one JSON object per sample (with the method's stats in extra)")
     s.add_argument("--stats", action="store_true", help="print time per phase and acceptance rate (stderr)")
     s.add_argument("--profile", metavar="TRACE.json", default=None, help="write a torch profiler (Chrome/Perfetto) trace")
     s.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (prefill/decode/sample/fork/accept) for Nsight")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
+
+
+METHOD_FLAGS = ("method", "particles", "ess_threshold", "resample_every", "alpha_ramp_tokens", "return_all",
+                "sps_top_k", "sps_rollouts", "sps_horizon")  # passed to generate only when given
+
+
+def _method_note(r) -> str:
+    e = r.extra
+    if r.method == "smc":
+        return f"log-evidence {e['log_evidence']:.3f}, {e['resampling_events']} resampling events"
+    if r.method == "sps":
+        return f"{e['rollout_tokens']} rollout tokens"
+    return f"accepted {r.accepted}/{r.proposed}"
 
 
 def _profiler(path, nvtx=False):
@@ -76,6 +100,7 @@ def main(argv=None) -> int:
                 args.prompt, alpha=args.alpha, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                 mcmc_steps=args.steps, proposal_temperature=args.temperature, top_k=args.top_k, index=args.index,
                 n=args.n, seed=args.seed, chat=args.chat, progress=not args.no_progress, max_batch=args.max_batch,
+                **{k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None},
             )
         if args.profile and hasattr(prof, "export_chrome_trace"):
             prof.export_chrome_trace(args.profile)
@@ -91,7 +116,7 @@ def main(argv=None) -> int:
             print(json.dumps(r.to_dict()))
         else:
             head = f"--- prompt {r.prompt_index} sample {r.sample_index}: {len(r.token_ids)} tokens, " \
-                   f"accepted {r.accepted}/{r.proposed}, {'EOS' if r.finished_by_eos else 'budget'} ---"
+                   f"{_method_note(r)}, {'EOS' if r.finished_by_eos else 'budget'} ---"
             print(head)
             print(r.text)
     if args.stats:

@@ -231,3 +231,56 @@ def test_engine_too_small_for_the_particles(tiny):
     eng = Engine(tiny, max_batch=4, max_len=16, store_rows=0)
     with pytest.raises(ConfigError, match="needs 8 decode and 0 store rows"):
         eng.add_request([1, 2], SamplingParams(method="smc", particles=8, max_new_tokens=4))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+from test_cli import model_dir  # noqa: E402,F401  (tiny model + tokenizer fixture)
+
+
+@pytest.mark.parametrize("method,flags,key", [
+    ("smc", ["--particles", "3", "--ess-threshold", "1.0", "--alpha-ramp-tokens", "2", "--return-all"], "log_evidence"),
+    ("sps", ["--sps-top-k", "2", "--sps-rollouts", "2", "--sps-horizon", "3"], "rollout_tokens"),
+])
+def test_cli_method_json(model_dir, capsys, method, flags, key):  # noqa: F811
+    import json
+
+    from powersample_fast import cli
+
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "hello", "--method", method, "--max-new-tokens",
+                   "6", "--seed", "0", "--n", "2", "--json", "--no-progress"] + flags)
+    assert rc == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 2 and all(r["method"] == method and key in r["extra"] for r in rows)
+    if method == "smc":
+        assert all(len(r["extra"]["particles"]) == 3 and len(r["extra"]["ess_trace"]) >= 1 for r in rows)
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "hi", "--method", method, "--max-new-tokens", "4",
+                   "--seed", "0", "--no-progress"] + flags)
+    out = capsys.readouterr().out
+    assert rc == 0 and (("log-evidence" in out) if method == "smc" else ("rollout tokens" in out))
+
+
+@pytest.mark.parametrize("args,match", [(["--method", "smc", "--particles", "0"], "particles"),
+                                        (["--method", "smc", "--ess-threshold", "2"], "ess_threshold must be in (0, 1]"),
+                                        (["--method", "sps", "--sps-rollouts", "0"], "sps_rollouts"),
+                                        (["--method", "sps", "--sps-horizon", "-1"], "sps_horizon")])
+def test_cli_method_errors(model_dir, capsys, args, match):  # noqa: F811
+    from powersample_fast import cli
+
+    rc = cli.main(["sample", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4", "--no-progress"] + args)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err
+
+
+def test_cli_method_flags_reach_generate(model_dir, monkeypatch):  # noqa: F811
+    from powersample_fast import cli
+    from powersample_fast import sampler as smod
+
+    seen = {}
+    monkeypatch.setattr(smod.PowerSampler, "generate", lambda self, prompts, **kw: seen.update(kw) or [])
+    cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--method", "smc", "--particles", "5",
+              "--ess-threshold", "0.3", "--resample-every", "2", "--alpha-ramp-tokens", "7", "--return-all",
+              "--sps-top-k", "3", "--sps-rollouts", "4", "--sps-horizon", "9", "--no-progress"])
+    assert {k: seen[k] for k in ("method", "particles", "ess_threshold", "resample_every", "alpha_ramp_tokens",
+                                 "return_all", "sps_top_k", "sps_rollouts", "sps_horizon")} == dict(
+        method="smc", particles=5, ess_threshold=0.3, resample_every=2, alpha_ramp_tokens=7, return_all=True,
+        sps_top_k=3, sps_rollouts=4, sps_horizon=9)
