@@ -7,7 +7,7 @@ PROMPT ?= A train travels 60 km in 45 minutes. What is its average speed in km/h
 RUN_ARGS ?= --max-new-tokens 192 --block-size 64 --steps 4 --n 2 --seed 0
 EXTRA_ARGS ?=
 
-.PHONY: run test bench-cpu clean-venv
+.PHONY: run test bench-cpu bench-methods-cpu clean-venv
 
 run: $(VENV)/.installed
 	$(PY) -m powersample_fast.cli sample --model default --chat --prompt "$(PROMPT)" $(RUN_ARGS) $(EXTRA_ARGS) --stats
@@ -17,6 +17,9 @@ test: $(VENV)/.installed
 
 bench-cpu: $(VENV)/.installed
 	$(PY) benchmarks/run_benchmarks.py --cpu-default --chains 1,8 --naive-budget 128 --block-size 64 --steps 4 --decode-tokens 32
+
+bench-methods-cpu: $(VENV)/.installed
+	$(PY) benchmarks/bench_methods.py --budget 16 --repeats 3 --threads 1
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
