@@ -146,6 +146,8 @@ def _postfix(eng: Engine, results, t0: float) -> str:
     acc = sum(c.accepted for c in chains) + sum(r.accepted for r in results)
     prop = sum(c.proposed for c in chains) + sum(r.proposed for r in results)
     rate = eng.stats["tokens_sampled"] / max(time.perf_counter() - t0, 1e-9)
+    if not chains and not prop:  # smc / sps / plain: no MH chains
+        return f"{rate:7.1f} tok/s"
     block = max((c.k for c in chains), default=0)
     return f"block {block:>3d}, acc {acc / prop if prop else 0:.2f}, {rate:7.1f} tok/s"
 
