@@ -9,7 +9,7 @@ RUN_ARGS ?= --max-new-tokens 128 --block-size 64 --steps 2 --n 1 --seed 0
 EXTRA_ARGS ?=
 ARGS ?=
 
-.PHONY: run sample test bench-cpu clean-venv
+.PHONY: run sample test bench-cpu bench-methods-cpu clean-venv
 
 # PROMPT reaches the program through the environment, unexpanded ($(value ...)), so quotes and $
 # in it arrive as typed; RUN_ARGS / EXTRA_ARGS / ARGS are flags, split by the shell as typed.
@@ -26,6 +26,9 @@ test: $(VENV)/.installed
 
 bench-cpu: $(VENV)/.installed
 	$(PY) benchmarks/run_benchmarks.py --cpu-default --chains 1,8 --naive-budget 128 --block-size 64 --steps 4 --decode-tokens 32
+
+bench-methods-cpu: $(VENV)/.installed
+	$(PY) benchmarks/bench_methods.py --budget 16 --repeats 3 --threads 1
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

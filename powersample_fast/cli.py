@@ -41,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)")
     s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
+    m = s.add_argument_group("methods", "power-sampling method and its parameters (defaults: the papers')")
+    m.add_argument("--method", default=None, choices=["plain", "mh", "smc", "sps"],
+                   help="mh: Algorithm 1 (default); smc: Power-SMC; sps: Scalable Power Sampling; plain: ancestral")
+    m.add_argument("--particles", type=int, default=None, help="smc: particles N per sample (default 64)")
+    m.add_argument("--ess-threshold", type=float, default=None, help="smc: resample when ESS < this * N (default 0.5)")
+    m.add_argument("--resample-every", type=int, default=None, help="smc: ESS check every this many tokens (default 1)")
+    m.add_argument("--alpha-ramp-tokens", type=int, default=None, help="smc: ramp the exponent 1 -> alpha over this many tokens (default 0: off)")
+    m.add_argument("--return-all", action="store_true", default=None, help="smc: all particles and weights in --json")
+    m.add_argument("--sps-top-k", type=int, default=None, help="sps: candidates K per token (default 8)")
+    m.add_argument("--sps-rollouts", type=int, default=None, help="sps: rollouts M per candidate (default 8)")
+    m.add_argument("--sps-horizon", type=int, default=None, help="sps: rollout length H (default 192)")
     s.add_argument("--json", action="store_true", help="print one JSON object per sample (inputs included)")
     s.add_argument("--stats", action="store_true",
                    help="print time per phase and acceptance rate (stderr; with --json a last {\"stats\": ...} line)")
@@ -52,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     server.add_parser(sub)
     batch.add_parser(sub)
     return ap
+
+
+METHOD_FLAGS = ("method", "particles", "ess_threshold", "resample_every", "alpha_ramp_tokens", "return_all",
+                "sps_top_k", "sps_rollouts", "sps_horizon")  # passed to generate only when given
 
 
 class _SigintFlag:
@@ -114,9 +129,10 @@ def _sample(args) -> int:
     from .errors import ConfigError
     from .params import SamplingParams, resolve_seed
 
+    method_kw = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
     p = SamplingParams(alpha=args.alpha, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                        mcmc_steps=args.steps, proposal_temperature=args.temperature, top_k=args.top_k,
-                       index=args.index, n=args.n, seed=resolve_seed(args.seed))
+                       index=args.index, n=args.n, seed=resolve_seed(args.seed), **method_kw)
     for name in ("max_batch", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -157,7 +173,7 @@ def _sample(args) -> int:
         results = sampler.generate(
             args.prompt, alpha=p.alpha, max_new_tokens=p.max_new_tokens, block_size=p.block_size,
             mcmc_steps=p.mcmc_steps, proposal_temperature=p.proposal_temperature, top_k=p.top_k, index=p.index,
-            n=p.n, seed=p.seed, chat=chat, progress=not args.no_progress, max_batch=args.max_batch,
+            n=p.n, seed=p.seed, chat=chat, progress=not args.no_progress, max_batch=args.max_batch, **method_kw,
         )
     info = out.run_info(args, p, chat, model_dir, device, dtype) if args.json else None
     out.print_results(results, args, info)

@@ -71,6 +71,16 @@ def run_info(args, p: SamplingParams, chat: bool, model_dir, device, dtype) -> d
                 dtype=str(dtype).replace("torch.", ""), **d)
 
 
+def method_note(r) -> str:
+    """The method's own figures for a result's header line."""
+    e = r.extra
+    if r.method == "smc":
+        return f"log-evidence {e['log_evidence']:.3f}, {e['resampling_events']} resampling events"
+    if r.method == "sps":
+        return f"{e['rollout_tokens']} rollout tokens"
+    return f"accepted {r.accepted}/{r.proposed}"
+
+
 def print_results(results, args, info: Optional[dict]) -> None:
     for r in results:
         if args.json:
@@ -79,7 +89,7 @@ def print_results(results, args, info: Optional[dict]) -> None:
             print(json.dumps(row))
         else:
             print(f"--- prompt {r.prompt_index} sample {r.sample_index}: {len(r.token_ids)} tokens, "
-                  f"accepted {r.accepted}/{r.proposed}, {'EOS' if r.finished_by_eos else 'budget'} ---")
+                  f"{method_note(r)}, {'EOS' if r.finished_by_eos else 'budget'} ---")
             print(r.text)
 
 

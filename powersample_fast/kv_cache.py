@@ -149,14 +149,18 @@ class KVManager:
         self._reads.add(src)
         self._writes.add(dst)
 
-    def fork(self, src: int, dsts: Sequence[int], length: int, prompt: Hashable = None, owner=None):
-        """Fork-many: positions [0, length) of row src into every row of dsts (lengths set)."""
+    def fork(self, src: int, dsts: Sequence[int], length: int, prompt: Hashable = None, owner=None, start: int = 0):
+        """Fork-many: positions [0, length) of row src into every row of dsts (lengths set).
+        start > 0: the dsts already hold src's positions [0, start) (forked earlier, not rewritten
+        since), so only [start, length) is copied (SPS re-forks its prefix row every token)."""
         if not 0 <= length <= self.lengths[src]:
             raise ConfigError(f"cannot fork {length} positions from row {src} of length {self.lengths[src]}")
+        if not 0 <= start <= length:
+            raise ConfigError(f"fork start {start} outside [0, {length}]")
         for d in dsts:
             if d == src:
                 raise ConfigError(f"fork source and destination are the same row ({src})")
-            self._queue(src, d, 0, length, owner)
+            self._queue(src, d, start, length - start, owner)
             self.cache.host_lengths[d] = length
             self.prompt_of[d] = prompt if prompt is not None else self.prompt_of[src]
 
@@ -180,6 +184,17 @@ class KVManager:
         for buf in (self.tok, self.lp, self.lq):
             buf[:, dst] = buf[:, src]
         self.free_decode.append(src)
+
+    def copy_buffers(self, src: Sequence[int], dst: Sequence[int]):
+        """Token buffers (both, all positions) of decode rows src[j] into dst[j]: one indexed copy per
+        buffer for all pairs (SMC resampling). No dst may be a src."""
+        if set(src) & set(dst):
+            raise ConfigError("copy_buffers: a destination row is also a source")
+        if src:
+            s = torch.tensor(list(src), dtype=torch.int64, device=self.tok.device)
+            d = torch.tensor(list(dst), dtype=torch.int64, device=self.tok.device)
+            for buf in (self.tok, self.lp, self.lq):
+                buf.index_copy_(1, d, buf.index_select(1, s))
 
     def drop(self, owner):
         """Forget the queued backups/restores of `owner` (a group that finished: its rows' contents

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from .errors import ConfigError
 
 INDEX_MODES = ("uniform", "last_block")
-METHODS = ("plain", "mh")  # sampling policies (powersample_fast/policies)
+METHODS = ("plain", "mh", "smc", "sps")  # sampling policies (powersample_fast/policies)
 
 Prompt = Union[str, Sequence[int]]
 
@@ -46,8 +46,17 @@ class SamplingParams:
     """What to sample. method: "mh" (Algorithm 1, exact p^alpha) or "plain" (ancestral sampling at
     `proposal_temperature`, default 1, the baseline). early_stop: the paper's rule (a chain whose
     state ends with EOS before the last stage stops there; cheaper, not exact); the default jumps
-    to the final stage's MH steps instead (ALGORITHM.md step 3). Numbers may be any real/integer
-    type (numpy scalars included) and are stored as Python float/int; bools are rejected."""
+    to the final stage's MH steps instead (ALGORITHM.md step 3).
+
+    method="smc" (Power-SMC, policies/smc.py): `particles` N decode from softmax(z/tau); resample
+    (systematic) when ESS < ess_threshold * N, checked every `resample_every` tokens;
+    `alpha_ramp_tokens` > 0 ramps the exponent from 1 to alpha over that many tokens (the final
+    target stays p^alpha); `return_all` adds every particle and its normalised weight to `extra`.
+    method="sps" (Scalable Power Sampling, token level, policies/sps.py): per token the `sps_top_k`
+    K most likely tokens, `sps_rollouts` M rollouts of at most `sps_horizon` H tokens from p each.
+
+    Numbers may be any real/integer type (numpy scalars included) and are stored as Python
+    float/int; bools are rejected."""
 
     method: str = "mh"
     alpha: float = 4.0
@@ -60,6 +69,14 @@ class SamplingParams:
     n: int = 1
     seed: Optional[int] = None
     early_stop: bool = False
+    particles: int = 64                # smc: N
+    ess_threshold: float = 0.5         # smc: resample when ESS < ess_threshold * N
+    resample_every: int = 1            # smc: ESS check interval in tokens
+    alpha_ramp_tokens: int = 0         # smc: exponent bridging from 1 to alpha over this many tokens (0: off)
+    return_all: bool = False           # smc: all particles + normalised weights in extra
+    sps_top_k: int = 8                 # sps: K candidates per token
+    sps_rollouts: int = 8              # sps: M rollouts per candidate
+    sps_horizon: int = 192             # sps: H tokens per rollout (at most; EOS and the budget end it)
 
     def _set(self, name, value):
         object.__setattr__(self, name, value)  # frozen: normalise numpy scalars to Python numbers once
@@ -99,6 +116,28 @@ class SamplingParams:
             if as_int(self.seed) is None:
                 raise ConfigError(f"seed must be an int or None (got {self.seed!r})")
             self._set("seed", as_int(self.seed))
+        self._check_smc_sps()
+
+    def _check_smc_sps(self):
+        def whole(name, lo, what):
+            self._int(name, lo, label=f"{name} ({what})")
+
+        whole("particles", 1, "N, smc particles per sample")
+        e = as_real(self.ess_threshold)
+        if e is None or not 0.0 < e <= 1.0:
+            raise ConfigError(f"ess_threshold must be in (0, 1] (got {self.ess_threshold!r}); resampling happens "
+                              "when ESS < ess_threshold * particles, 0.5 is the paper's value")
+        self._set("ess_threshold", e)
+        whole("resample_every", 1, "smc ESS check interval in tokens")
+        whole("alpha_ramp_tokens", 0, "smc exponent ramp length, 0 = off")
+        if not isinstance(self.return_all, bool):
+            raise ConfigError(f"return_all must be True or False (got {self.return_all!r})")
+        whole("sps_top_k", 1, "K, sps candidates per token")
+        whole("sps_rollouts", 1, "M, sps rollouts per candidate")
+        whole("sps_horizon", 0, "H, sps rollout length")
+        if self.method == "sps" and self.top_k is not None:
+            raise ConfigError(f"top_k does not apply to method 'sps' (got top_k={self.top_k}); its candidates are "
+                              "the sps_top_k most likely tokens and its rollouts sample from p")
 
     @property
     def tau(self) -> float:

@@ -1,6 +1,7 @@
 """`PowerSampler.generate`: a thin wrapper over the engine (`powersample_fast.engine`) with a progress
 bar. Methods: "mh" (Algorithm 1, exact power sampling; `policies/mh.py` says how the KV cache is
-reused) and "plain" (ancestral sampling, the baseline)."""
+reused), "plain" (ancestral sampling, the baseline), "smc" (Power-SMC, `policies/smc.py`) and "sps"
+(Scalable Power Sampling, `policies/sps.py`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,9 @@ class PowerSampler:
     @torch.inference_mode()
     def generate(self, prompts, *, method="mh", alpha=4.0, max_new_tokens=3072, block_size=192, mcmc_steps=10,
                  proposal_temperature=None, top_k=None, index="uniform", n=1, seed=None, early_stop=False,
-                 chat=None, progress=True, max_batch=None, errors="raise") -> List[SampleResult]:
+                 chat=None, progress=True, max_batch=None, errors="raise", particles=64, ess_threshold=0.5,
+                 resample_every=1, alpha_ramp_tokens=0, return_all=False, sps_top_k=8, sps_rollouts=8,
+                 sps_horizon=192) -> List[SampleResult]:
         """Sample every prompt `n` times. Returns one `SampleResult` per (prompt, sample), in order.
 
         method="mh": power sampling, defaults from the paper: alpha 4, proposal temperature 1/alpha,
@@ -61,13 +64,27 @@ class PowerSampler:
         there (the paper's code: cheaper, not exact). method="plain": ancestral sampling at
         `proposal_temperature` (default 1) and top_k.
 
+        method="smc" (Power-SMC, approximate, consistent as N grows): `particles` N decode from the
+        proposal (temperature default 1/alpha, top_k), resampled (systematic) when the ESS drops
+        below ess_threshold * N (checked every `resample_every` tokens); alpha_ramp_tokens > 0
+        bridges the exponent from 1 to alpha (same final target). Returns one particle drawn in
+        proportion to its weight; extra: log_evidence, resampling_events, ess_trace (and with
+        return_all, every particle with its normalised weight). The paper uses N = 64.
+        method="sps" (Scalable Power Sampling, token level, approximate): per token the sps_top_k
+        most likely tokens, sps_rollouts rollouts of at most sps_horizon tokens from p each,
+        jackknife-corrected; paper defaults K = M = 8 (H is not given there; 192 here).
+        max_batch counts decode rows: a sample takes N rows (smc) or 1 + K*M rows (sps).
+
         chat: None applies the tokenizer's chat template to text prompts when it has one.
         errors: "raise" (default) raises the first chain error (e.g. NonFiniteLogitsError) after the
         other chains finished, with every result attached as `error.results`; "return" returns them,
         the failed ones with `extra["error"]`."""
         p = SamplingParams(method=method, alpha=alpha, max_new_tokens=max_new_tokens, block_size=block_size,
                            mcmc_steps=mcmc_steps, proposal_temperature=proposal_temperature, top_k=top_k,
-                           index=index, n=n, seed=seed, early_stop=early_stop)
+                           index=index, n=n, seed=seed, early_stop=early_stop, particles=particles,
+                           ess_threshold=ess_threshold, resample_every=resample_every,
+                           alpha_ramp_tokens=alpha_ramp_tokens, return_all=return_all, sps_top_k=sps_top_k,
+                           sps_rollouts=sps_rollouts, sps_horizon=sps_horizon)
         if errors not in ("raise", "return"):
             raise ConfigError(f"errors must be 'raise' or 'return' (got {errors!r})")
         ids = normalize_prompts(prompts, self.tokenizer, chat=chat)
@@ -77,8 +94,9 @@ class PowerSampler:
         if not isinstance(mb, int) or isinstance(mb, bool) or mb < 1:
             raise ConfigError(f"max_batch must be an integer >= 1 (got {mb!r})")
         n_rows, n_store = get_policy(method).rows(p)
-        eng = Engine(self.model, self.tokenizer, eos_token_ids=sorted(self.eos),
-                     max_batch=max(n_rows, min(mb, len(ids) * p.n * n_rows)),
+        # decode rows: whole samples (n_rows each: 1, or N particles, or 1 + K*M), at least one
+        rows = n_rows * max(1, min(mb, len(ids) * p.n * n_rows) // n_rows)
+        eng = Engine(self.model, self.tokenizer, eos_token_ids=sorted(self.eos), max_batch=rows,
                      max_len=max(map(len, ids)) + p.max_new_tokens, store_rows=None if n_store else 0,
                      cuda_graphs=self.cuda_graphs, compact=self.compact)
         for i, pr in enumerate(ids):

@@ -8,7 +8,10 @@ final state of Algorithm 1 (ALGORITHM.md) can be listed and its probability comp
   low-temperature law is ``proposal_law`` with tau = 1/alpha);
 - ``mh_chain_law``: the exact law of Algorithm 1's output after N MH steps per stage, from its
   transition matrices, so a sampler can be tested exactly (chi-square) with few steps, and the
-  step count of a "converged" test can be justified by a computed distance to pi, not by tuning.
+  step count of a "converged" test can be justified by a computed distance to pi, not by tuning;
+- ``power_normaliser``: Z = sum_x p(x)^alpha (the SMC evidence);
+- ``sps_token_law``: the law of token-level Scalable Power Sampling (top-K, M rollouts of horizon
+  H, jackknife), its per-token expectation over the rollouts simulated from the exact rollout laws.
 
 Sampling-noise yardsticks: ``tv_noise_reference`` (TV between a law and n exact draws from it) and
 ``chi_square_pvalue``. A law is a dict ``{tuple(generated token ids): probability}``.
@@ -345,6 +348,85 @@ def mh_chain_law(
             else:
                 dist[s] = float(v[j])
     return final
+
+
+def power_normaliser(model, prompt, alpha: float, max_new_tokens: int, eos_id) -> float:
+    """Z = sum over final states of p(x)^alpha (what the SMC evidence estimate targets)."""
+    tree = toy_tree(model, prompt, max_new_tokens, eos_id)
+    return float(sum(math.exp(alpha * tree.token_logprobs(s).sum()) for s in tree.states()))
+
+
+def sps_token_law(model, prompt, *, alpha: float, max_new_tokens: int, eos_id, top_k: int, rollouts: int,
+                  horizon: int, reps: int = 20000, seed: int = 0) -> Law:
+    """Law of Scalable Power Sampling (token level) over final states, computed independently of the
+    sampler: at each prefix the token is drawn from p^JK, whose randomness is the rollouts', so the
+    token law given the prefix is E[p^JK]; it is estimated here by ``reps`` simulated sets of M
+    rollouts per candidate, drawn from the exact law of the rollout's summed log p (futures after
+    (prefix, c) enumerated up to min(H, budget left) tokens). Candidates: the top-K by p; EOS
+    candidates and h = 0 get zeta = 1. The final law is the product of these token laws. Monte
+    Carlo error: ~0.5/sqrt(reps) per token probability at most (about 0.004 at the default)."""
+    tree = toy_tree(model, prompt, max_new_tokens, eos_id)
+    rng = np.random.default_rng(seed)
+    T, M = tree.max_new_tokens, rollouts
+
+    def futures(prefix: State, h: int):
+        """(probability, summed log p) of every rollout of at most h tokens after prefix."""
+        out, level = [], [((), 0.0)]
+        for depth in range(h):
+            nxt = []
+            for f, s in level:
+                lp = torch.log_softmax(tree.logits[prefix + f], -1).numpy()
+                for v in range(tree.vocab_size):
+                    g = (f + (v,), s + lp[v])
+                    (out if v in tree.eos or depth + 1 == h else nxt).append(g)
+            level = nxt
+        return np.array([math.exp(s) for _, s in out]), np.array([s for _, s in out])
+
+    def lme(x, axis):
+        m = x.max(axis=axis, keepdims=True)
+        return (m + np.log(np.exp(x - m).mean(axis=axis, keepdims=True))).squeeze(axis)
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    token_law: Dict[State, Dict[int, float]] = {}
+    for prefix, z in tree.logits.items():
+        lp = torch.log_softmax(z, -1).numpy()
+        cands = [int(c) for c in np.argsort(-lp, kind="stable")[:top_k]]
+        h = min(horizon, T - len(prefix) - 1)
+        a = alpha * lp[cands]
+        g = np.zeros((reps, len(cands), M))   # (alpha - 1) * f for every rep, candidate, rollout
+        rolled = np.array([h > 0 and c not in tree.eos for c in cands])
+        for ci, c in enumerate(cands):
+            if rolled[ci]:
+                pr, fs = futures(prefix + (c,), h)
+                g[:, ci, :] = (alpha - 1.0) * fs[rng.choice(len(fs), size=(reps, M), p=pr / pr.sum())]
+        lz = np.where(rolled, lme(g, 2), 0.0)                           # [reps, K]
+        pk = softmax(a + lz)
+        if M > 1 and rolled.any():
+            # leave-one-out logmeanexp over r != j: by subtraction from the max-shifted sum (safe:
+            # the max stays in it), except for the max itself, whose sum is taken over the others
+            m1 = g.max(2, keepdims=True)
+            tot = np.exp(g - m1).sum(2, keepdims=True)
+            loo = m1 + np.log(np.maximum(tot - np.exp(g - m1), 1e-300) / (M - 1))      # [reps, K, M]
+            top = g.argmax(2)
+            rest = np.where(np.arange(M) == top[..., None], -np.inf, g)
+            loo_top = lme(rest, 2) + math.log(M / (M - 1))
+            np.put_along_axis(loo, top[..., None], loo_top[..., None], 2)
+            loo = loo.transpose(0, 2, 1)                                                # [reps, M, K]
+            ps = softmax(a + np.where(rolled, loo, 0.0))
+            jk = np.clip(M * pk - (M - 1) / M * ps.sum(1), 0.0, None)
+            pk = jk / jk.sum(-1, keepdims=True)
+        token_law[prefix] = dict(zip(cands, pk.mean(0)))
+    law: Law = {}
+    for s in tree.states():
+        pr = 1.0
+        for i in range(len(s)):
+            pr *= token_law[s[:i]].get(s[i], 0.0)
+        if pr > 0.0:
+            law[s] = pr
+    return law
 
 
 def _mh_matrix(states, pos, lp, lq, alpha, base) -> np.ndarray:

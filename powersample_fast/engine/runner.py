@@ -76,10 +76,12 @@ class ModelRunner:
         return [(int(host[0][s.row]), host[1][s.row], host[2][s.row]) for s in seqs]
 
     def _sample(self, logits, keys, seqs, B):
-        """Fused sample + log-probs, per group of rows sharing (1/temperature, top-k)."""
+        """Fused sample + log-probs, per group of rows sharing (1/temperature, top-k); a seq's own
+        `tau` overrides its group's temperature."""
         by = {}
         for s in seqs:
-            by.setdefault((1.0 / s.group.params.tau, s.group.params.top_k), []).append(s.row)
+            tau = s.group.params.tau if s.tau is None else s.tau
+            by.setdefault((1.0 / tau, s.group.params.top_k), []).append(s.row)
         if len(by) == 1:  # one setting: sample every row of the batch (idle rows' draws are ignored)
             (inv_tau, top_k), = by
             return ops.sample_logprobs(logits, keys, inv_tau, ops.topk_threshold(logits, top_k))

@@ -37,6 +37,7 @@ class Seq:
     draws: int = 0                  # tokens sampled by this seq so far (its noise counter)
     last_lp: float = 0.0            # log p / log q of the token sampled this step
     last_lq: float = 0.0
+    tau: Optional[float] = None     # sampling temperature override (SPS rollouts sample from p: 1.0)
 
     def start(self, tokens: List[int], limit: int, feed: int, buf: int = 0):
         self.tokens, self.limit, self.feed, self.buf = tokens, limit, feed, buf

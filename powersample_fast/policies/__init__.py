@@ -8,12 +8,15 @@ A policy is one object per method (stateless across groups: a group's state live
   - `on_ended(engine, seqs)`: the seqs whose segment ended this step (EOS or limit), batched, so
     decisions run as one launch (MH: one `mh_accept_` per step);
   - `planned_tokens(params)`: expected tokens sampled per group (progress bars, ETAs).
-A policy finishes a group with `engine.finish_group(group, result)`.
+A policy finishes a group with `engine.finish_group(group, result)`. Methods: plain, mh (Algorithm 1),
+smc (Power-SMC: N particles, resampling by fork), sps (Scalable Power Sampling: rollouts per candidate).
 """
 from .mh import MHPolicy
 from .plain import PlainPolicy
+from .smc import SMCPolicy
+from .sps import SPSPolicy
 
-POLICIES = {"plain": PlainPolicy(), "mh": MHPolicy()}
+POLICIES = {"plain": PlainPolicy(), "mh": MHPolicy(), "smc": SMCPolicy(), "sps": SPSPolicy()}
 
 
 def get_policy(method: str):
