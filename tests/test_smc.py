@@ -279,7 +279,7 @@ def test_cli_method_flags_reach_generate(model_dir, monkeypatch):  # noqa: F811
     monkeypatch.setattr(smod.PowerSampler, "generate", lambda self, prompts, **kw: seen.update(kw) or [])
     cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--method", "smc", "--particles", "5",
               "--ess-threshold", "0.3", "--resample-every", "2", "--alpha-ramp-tokens", "7", "--return-all",
-              "--sps-top-k", "3", "--sps-rollouts", "4", "--sps-horizon", "9", "--no-progress"])
+              "--sps-top-k", "3", "--sps-rollouts", "4", "--sps-horizon", "9", "--max-new-tokens", "8", "--no-progress"])
     assert {k: seen[k] for k in ("method", "particles", "ess_threshold", "resample_every", "alpha_ramp_tokens",
                                  "return_all", "sps_top_k", "sps_rollouts", "sps_horizon")} == dict(
         method="smc", particles=5, ess_threshold=0.3, resample_every=2, alpha_ramp_tokens=7, return_all=True,
