@@ -25,7 +25,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench-cpu: $(VENV)/.installed
-	$(PY) benchmarks/run_benchmarks.py --cpu-default --chains 1,8 --naive-budget 128 --block-size 64 --steps 4 --decode-tokens 32
+	$(PY) benchmarks/run_benchmarks.py --cpu-default --dtypes float32,bfloat16 --chains 1,8 --naive-chains 1,8 \
+		--naive-budget 96 --block-size 32 --steps 4 --decode-tokens 32 --repeat 3
 
 bench-methods-cpu: $(VENV)/.installed
 	$(PY) benchmarks/bench_methods.py --budget 16 --repeats 3 --threads 1

@@ -2,7 +2,7 @@
 
     python -m pytest benchmarks/bench_e2e.py --benchmark-only --benchmark-columns=median,iqr,rounds
 
-On CPU: the real default model (SmolLM2-135M, fp32). On CUDA: random-init Qwen2.5-1.5B shape in bf16.
+On CPU: the real default model (SmolLM2-135M, in `device.default_dtype`). On CUDA: random-init Qwen2.5-1.5B shape in bf16.
 Settings are small (budget 64, block 32, 2 steps) so one round takes seconds; the table-producing
 script with the paper's settings is `benchmarks/run_benchmarks.py`. Tokens/s in `extra_info`.
 """
@@ -27,11 +27,13 @@ def setup():
     from transformers import AutoModelForCausalLM
 
     import powersample_fast as pf
+    from powersample_fast.device import default_dtype
     from powersample_fast.hub import default_model_dir
 
     d = default_model_dir()
-    model, tok = pf.load(d, device="cpu", dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    dtype = default_dtype("cpu")  # both samplers in the CPU default dtype
+    model, tok = pf.load(d, device="cpu", dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     return model, hf, tok, tok.encode("Explain why the sky is blue.")
 
 

@@ -1,11 +1,17 @@
 """End-to-end benchmark: the naive sampler (HF generate per proposal) vs ours (1/8/32/64 chains).
 
     python benchmarks/run_benchmarks.py --cpu-default            # real SmolLM2-135M on CPU
+    python benchmarks/run_benchmarks.py --cpu-default --dtypes float32,bfloat16 --naive-chains 1,8 --repeat 3
     python benchmarks/run_benchmarks.py --gpu [--models qwen2.5-1.5b,...] [--out DIR]   # random-init real shapes
 
-Writes `<out>/<device>.md` and `.json` (device, versions, command, table). Each MCMC row is one timed
-run after a short warm-up call (Triton compilation, graph capture, allocator); "s_per_sample" is the
-call's wall time divided by its samples (amortised over the batch). Nothing here is a pass/fail test.
+Writes `<out>/<device>.md` and `.json` (device, versions, command, load average, table). Each MCMC
+row is the median of --repeat timed runs (spread in "wall_s_range") after a short warm-up call
+(Triton compilation, graph capture, allocator); the repeats are interleaved (naive and ours in turn)
+so a change in machine load hits both alike. "s_per_sample" is the call's wall time divided by its
+samples (amortised over the batch). With n in --naive-chains the naive sampler also draws n samples
+(n chains one after the other) and "speedup_wall" is naive wall / our wall for the same n samples;
+otherwise "speedup_tok_s" compares tokens/s with the naive 1-chain row. Both samplers run in the
+same dtype (--dtypes; default `device.default_dtype`). Nothing here is a pass/fail test.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import powersample_fast as pf  # noqa: E402
-from powersample_fast.device import synchronize  # noqa: E402
+from powersample_fast.device import default_dtype, resolve_dtype, synchronize  # noqa: E402
 from powersample_fast.loader import _build  # noqa: E402
 from powersample_fast.model import ModelConfig  # noqa: E402
 from powersample_fast.sampler import PowerSampler  # noqa: E402
@@ -144,7 +151,9 @@ def hf_decode(hf, n_tokens, prompt_len=128):
     return (time.perf_counter() - t) / n_tokens
 
 
-def mcmc_run(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs=False):
+def mcmc_prepare(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs=False):
+    """A sampler after a short warm-up call, and a function running one timed call of n samples
+    (seed `rep`) that returns its measurements."""
     if kind == "naive":
         from powersample_fast.naive import NaiveSampler
 
@@ -157,16 +166,36 @@ def mcmc_run(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs=Fals
         # warm-up outside the timing: Triton compilation, CUDA-graph captures of the first buckets
         s.generate(prompts, n=min(n, 2), progress=False, seed=1, **dict(settings, max_new_tokens=8, block_size=4),
                    **kw)
-    synchronize(s.model.device if hasattr(s.model, "device") else "cpu")
-    t = time.perf_counter()
-    res = s.generate(prompts, n=n, progress=False, seed=0, **settings, **kw)
-    synchronize(s.model.device)
-    wall = time.perf_counter() - t
-    sampled = sum(r.stats["tokens_sampled"] for r in res)
-    prefilled = sum(r.stats["tokens_prefilled"] for r in res)
-    return {"wall_s": wall, "samples": len(res), "tokens_sampled": sampled, "tokens_prefilled": prefilled,
-            "tok_per_s": sampled / wall, "s_per_sample": wall / len(res),
-            "acceptance": sum(r.accepted for r in res) / max(1, sum(r.proposed for r in res))}
+
+    def run(rep=0):
+        synchronize(s.model.device if hasattr(s.model, "device") else "cpu")
+        t = time.perf_counter()
+        res = s.generate(prompts, n=n, progress=False, seed=rep, **settings, **kw)
+        synchronize(s.model.device)
+        wall = time.perf_counter() - t
+        sampled = sum(r.stats["tokens_sampled"] for r in res)
+        prefilled = sum(r.stats["tokens_prefilled"] for r in res)
+        return {"wall_s": wall, "samples": len(res), "tokens_sampled": sampled, "tokens_prefilled": prefilled,
+                "tok_per_s": sampled / wall, "s_per_sample": wall / len(res),
+                "acceptance": sum(r.accepted for r in res) / max(1, sum(r.proposed for r in res))}
+
+    return run
+
+
+def median_run(runs):
+    """The run with the median wall time (of an odd count; the lower middle one otherwise), with
+    the spread of the walls and the median of tokens/s over the runs."""
+    runs = sorted(runs, key=lambda r: r["wall_s"])
+    mid = dict(runs[(len(runs) - 1) // 2])
+    mid["wall_s_range"] = f"{runs[0]['wall_s']:.3g}-{runs[-1]['wall_s']:.3g}" if len(runs) > 1 else ""
+    mid["repeats"] = len(runs)
+    mid["tok_per_s"] = statistics.median(r["tok_per_s"] for r in runs)
+    return mid
+
+
+def mcmc_run(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs=False, repeat=1):
+    run = mcmc_prepare(kind, model_or_hf, tok, prompts, n, settings, eos, cuda_graphs)
+    return median_run([run(rep) for rep in range(repeat)])
 
 
 def versions():
@@ -194,6 +223,7 @@ def bench_model(name, model, hf, tok, prompt_ids, args, rows):
     wb = weight_bytes(model)
     kv_per_pos = 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * model.dtype.itemsize
     step_s, avg_ctx = plain_decode(model, args.decode_tokens, 1)
+    step8_s, _ = plain_decode(model, args.decode_tokens, 8)
     roof_s = (wb + kv_per_pos * avg_ctx) / bw
     hf_s = hf_decode(hf, args.decode_tokens)
     base = {"model": name, "device": device_name(dev), "dtype": str(model.dtype).replace("torch.", "")}
@@ -203,28 +233,41 @@ def bench_model(name, model, hf, tok, prompt_ids, args, rows):
                          roofline_s=roof_s, roofline_frac=roof_s / g_s))
     rows.append(dict(base, kind="plain decode (ours, 1 row)", tok_per_s=1 / step_s, s_per_step=step_s,
                      roofline_s=roof_s, roofline_frac=roof_s / step_s, copy_GBps=bw / 1e9))
+    rows.append(dict(base, kind="plain decode (ours, 8 rows)", tok_per_s=8 / step8_s, s_per_step=step8_s,
+                     step_vs_1_row=step8_s / step_s))
     rows.append(dict(base, kind="plain decode (HF generate)", tok_per_s=1 / hf_s, s_per_step=hf_s,
                      roofline_frac=roof_s / hf_s))
     settings = dict(alpha=4.0, block_size=args.block_size, mcmc_steps=args.steps, max_new_tokens=args.naive_budget)
     eos = []  # random weights: disable EOS so every run has the same, full length
-    naive = mcmc_run("naive", hf, tok, [prompt_ids], 1, settings, eos)
-    rows.append(dict(base, kind="MCMC naive (HF generate per proposal), 1 chain", **settings, **naive))
-    ours1 = mcmc_run("ours", model, tok, [prompt_ids], 1, settings, eos)
-    rows.append(dict(base, kind="MCMC ours, 1 chain", **settings, **ours1,
-                     speedup_wall=naive["s_per_sample"] / ours1["s_per_sample"],
-                     speedup_tok_s=ours1["tok_per_s"] / naive["tok_per_s"]))
-    for n in args.chains:
-        if n == 1:
-            continue
-        r = mcmc_run("ours", model, tok, [prompt_ids], n, settings, eos)
-        rows.append(dict(base, kind=f"MCMC ours, {n} chains", **settings, **r,
-                         speedup_tok_s=r["tok_per_s"] / naive["tok_per_s"]))
+    # every sampler warmed up first, then the repeats interleaved: naive n, ours n, for each n in turn
+    naive_ns = sorted(set(args.naive_chains) | {1})
+    runs = {("naive", n): mcmc_prepare("naive", hf, tok, [prompt_ids], n, settings, eos) for n in naive_ns}
+    runs.update({("ours", n): mcmc_prepare("ours", model, tok, [prompt_ids], n, settings, eos)
+                 for n in sorted(set(args.chains) | {1})})
+    got = {k: [] for k in runs}
+    for rep in range(args.repeat):
+        for key in sorted(runs, key=lambda k: (k[1], k[0])):
+            got[key].append(runs[key](rep))
+            print(f"[{base['dtype']}] rep {rep} {key[0]} n={key[1]}: {got[key][-1]['wall_s']:.1f} s, "
+                  f"load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+    res = {k: median_run(v) for k, v in got.items()}
+    naive1 = res["naive", 1]
+    for n in sorted(set(args.chains) | {1}):
+        what = "1 chain (1 sample)" if n == 1 else f"{n} chains ({n} samples)"
+        if n in naive_ns:
+            nv = res["naive", n]
+            rows.append(dict(base, kind=f"MCMC naive (HF generate per proposal), {what}", **settings, **nv))
+        ours = res["ours", n]
+        extra = {"speedup_tok_s": ours["tok_per_s"] / naive1["tok_per_s"]}
+        if n in naive_ns:
+            extra["speedup_wall"] = res["naive", n]["wall_s"] / ours["wall_s"]
+        rows.append(dict(base, kind=f"MCMC ours, {what}", **settings, **ours, **extra))
     if dev.type == "cuda":  # the same runs with decode steps replayed from CUDA graphs
         for n in args.chains:
             r = mcmc_run("ours", model, tok, [prompt_ids], n, settings, eos, cuda_graphs=True)
             rows.append(dict(base, kind=f"MCMC ours + CUDA graphs, {n} chains", **settings, **r,
-                             speedup_wall=naive["s_per_sample"] / r["s_per_sample"] if n == 1 else "",
-                             speedup_tok_s=r["tok_per_s"] / naive["tok_per_s"]))
+                             speedup_wall=res["naive", n]["wall_s"] / r["wall_s"] if n in naive_ns else "",
+                             speedup_tok_s=r["tok_per_s"] / naive1["tok_per_s"]))
 
 
 def write(rows, args, out: Path):
@@ -232,13 +275,22 @@ def write(rows, args, out: Path):
     dev = rows[0]["device"] if rows else "unknown"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dev).strip("-")
     meta = {"device": dev, "versions": versions(), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_average": {"start": list(args.load_start), "end": [round(x, 2) for x in os.getloadavg()]}}
     (out / f"{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    cols = ["model", "kind", "max_new_tokens", "tok_per_s", "s_per_sample", "s_per_step", "speedup_wall",
-            "speedup_tok_s", "roofline_frac", "acceptance", "tokens_prefilled"]
+    cols = ["model", "dtype", "kind", "max_new_tokens", "block_size", "wall_s", "wall_s_range", "tok_per_s",
+            "s_per_sample", "s_per_step", "step_vs_1_row", "speedup_wall", "speedup_tok_s", "roofline_frac",
+            "acceptance", "tokens_prefilled"]
+    la = meta["load_average"]
     lines = [f"# Benchmark on {dev}", "", f"- versions: {meta['versions']}", f"- command: `{meta['command']}`",
-             f"- date: {meta['date']}", "- settings: alpha 4, block/steps/budget as in the columns; EOS disabled "
-             "(random or fixed lengths); speedups relative to the naive sampler at the same settings", "",
+             f"- date: {meta['date']}; torch threads {meta['threads']}; CPU capability {meta['cpu_capability']}",
+             f"- load average (1/5/15 min) at start {la['start'][0]:.2f} {la['start'][1]:.2f} {la['start'][2]:.2f},"
+             f" at end {la['end'][0]:.2f} {la['end'][1]:.2f} {la['end'][2]:.2f}",
+             f"- MCMC rows: median of {args.repeat} interleaved timed runs (wall_s_range: min-max)",
+             "- settings: alpha 4, block/steps/budget as in the columns; EOS disabled "
+             "(random or fixed lengths); speedup_wall: naive wall / ours for the same samples, "
+             "speedup_tok_s: tokens/s over the naive 1-chain row, same dtype", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -260,9 +312,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--naive-budget", type=int, default=384, help="max_new_tokens for the MCMC comparisons")
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--dtypes", default=None, help="--cpu-default: comma list (default: device.default_dtype('cpu'))")
+    ap.add_argument("--naive-chains", default="1", help="sample counts the naive sampler also runs (n chains in turn)")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per MCMC row (median reported)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     args.chains = [int(x) for x in args.chains.split(",")]
+    args.naive_chains = [int(x) for x in args.naive_chains.split(",")]
+    args.load_start = [round(x, 2) for x in os.getloadavg()]
     rows = []
     if args.cpu_default:
         from transformers import AutoModelForCausalLM
@@ -270,12 +327,16 @@ def main(argv=None):
         from powersample_fast.hub import default_model_dir
 
         d = default_model_dir()
-        model, tok = pf.load(d, device="cpu", dtype=torch.float32)
-        hf = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
-        prompt = tok.apply_chat_template([{"role": "user", "content": "Explain why the sky is blue."}],
-                                         add_generation_prompt=True, tokenize=True)
-        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-        bench_model("SmolLM2-135M-Instruct (real weights)", model, hf, tok, prompt, args, rows)
+        dtypes = [resolve_dtype(x) for x in args.dtypes.split(",")] if args.dtypes else [default_dtype("cpu")]
+        for dtype in dtypes:  # our model and the naive baseline's HF model in the same dtype
+            model, tok = pf.load(d, device="cpu", dtype=dtype)
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+            prompt = tok.apply_chat_template([{"role": "user", "content": "Explain why the sky is blue."}],
+                                             add_generation_prompt=True, tokenize=True)
+            prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+            bench_model("SmolLM2-135M-Instruct (real weights)", model, hf, tok, prompt, args, rows)
+            write(rows, args, Path(args.out))  # after every dtype: a run cut short keeps what it measured
+            del model, hf
     if args.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu needs a CUDA device")

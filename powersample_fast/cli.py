@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--index", default="uniform", choices=["uniform", "last_block"], help="cut-index mode")
     s.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
     s.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
-    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on CUDA, fp32 on CPU)")
+    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on CUDA and on CPUs with native bf16, else fp32)")
     s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
     s.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)")

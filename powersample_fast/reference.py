@@ -19,6 +19,7 @@ and the Gumbel noise is ``g = -log(-log(u))`` in fp32. A token is drawn by Gumbe
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -95,6 +96,13 @@ def gumbel(key: torch.Tensor, n: int) -> torch.Tensor:
 # Range of the Gumbel noise: u in [2**-24, 1 - 2**-24] gives g in [-2.81, 16.64]. A token whose
 # z*inv_tau is more than G_SPAN below the row's largest kept z*inv_tau can never win the Gumbel-max.
 G_SPAN = 20.0
+G_MAX = 17.0  # > the largest Gumbel, 16.64 (the Triton kernel's bound)
+# exp(d) for fp32 d < EXP_MIN is subnormal or 0 (< 2**-125). torch's vectorised exp evaluates such
+# inputs on a slow path (measured ~20x per element on AVX2; at temperature 1/4 most of a real row is
+# there), so `_logsumexp` drops those terms: each is < 2**-125 of the row's largest term (1), all of
+# them together < 2**-107 of the sum, far below the fp32 rounding of the sum (2**-24).
+EXP_MIN = -87.0
+_EXP_DROP = 2.0 * math.exp(EXP_MIN)  # 3.3e-38 < 2**-124
 
 
 def topk_threshold(logits: torch.Tensor, top_k: Optional[int]) -> Optional[torch.Tensor]:
@@ -121,29 +129,55 @@ def sample_logprobs(
       lq = z_tok*inv_tau - logsumexp(z*inv_tau over kept)   (proposal)
     Non-finite logits propagate to non-finite lp/lq (callers check)."""
     z = logits.float()  # [R, V]
-    zt = z * inv_tau
+    same = inv_tau == 1.0 and threshold is None  # the proposal is the base model: lq = lp
+    zt = z if same else z * inv_tau
     if threshold is not None:
         zt = zt.masked_fill(z < threshold[:, None], float("-inf"))
-    tok = _gumbel_argmax(zt, keys)
-    lp = z.gather(1, tok[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
-    lq = zt.gather(1, tok[:, None])[:, 0] - torch.logsumexp(zt, dim=-1)
+    zmax, amax = zt.max(dim=-1, keepdim=True)  # [R, 1]: one pass for the argmax shortcut and logsumexp
+    tok = _gumbel_argmax(zt, keys, zmax, amax)
+    lse = _logsumexp(z)
+    lp = z.gather(1, tok[:, None])[:, 0] - lse
+    if same:
+        return tok, lp, lp.clone()
+    lq = zt.gather(1, tok[:, None])[:, 0] - _logsumexp(zt, zmax)
     return tok, lp, lq
 
 
-def _gumbel_argmax(zt: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """argmax_i(zt_i + g_i) per row (first index on ties). Exact shortcut for finite rows: the
-    noise is computed only for candidates within G_SPAN of the row max (no other token can win, so
-    the argmax is the same as over the full row); rows with NaN/+inf take the full path."""
-    if zt.device.type != "cpu" or zt.shape[-1] <= 4096:
-        return torch.argmax(zt + gumbel(keys, zt.shape[-1]), dim=-1)
-    zmax = zt.max(dim=-1, keepdim=True).values
-    if not bool(torch.isfinite(zmax).all()) or bool(torch.isnan(zt).any()):
-        return torch.argmax(zt + gumbel(keys, zt.shape[-1]), dim=-1)
-    rows, cols = torch.nonzero(zt > zmax - G_SPAN, as_tuple=True)
-    g = -torch.log(-torch.log(uniform_at(keys.to(torch.int64)[rows], cols)))
-    score = torch.full_like(zt, float("-inf"))
-    score[rows, cols] = zt[rows, cols] + g
-    return torch.argmax(score, dim=-1)
+def _logsumexp(x: torch.Tensor, xmax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logsumexp over the last dim of fp32 [R, V] -> [R], in torch.logsumexp's order (max, exp of
+    the shifted row, sum, log, + max; an infinite max is replaced by 0), with the terms below
+    exp(EXP_MIN) set to 0 instead of evaluated (see EXP_MIN). xmax: x's row max [R, 1], if known."""
+    m = x.amax(dim=-1, keepdim=True) if xmax is None else xmax
+    m = m.masked_fill(m.abs() == float("inf"), 0.0)
+    e = (x - m).clamp_min_(EXP_MIN).exp_()  # [R, V]; clamped terms are exp(EXP_MIN)
+    # zero every term <= 2 exp(EXP_MIN) (the clamped ones and a few just above); NaN and inf stay
+    torch.nn.functional.threshold_(e, _EXP_DROP, 0.0)
+    return e.sum(dim=-1).log_().add_(m[:, 0])
+
+
+def _gumbel_argmax(zt: torch.Tensor, keys: torch.Tensor, zmax: Optional[torch.Tensor] = None,
+                   amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """argmax_i(zt_i + g_i) per row (first index on ties). zmax/amax: the rows' max of zt and its
+    index [R, 1], if known. Exact shortcut for finite rows, on CPU: the best score is at least
+    LB = zt_max + g(argmax of zt) and a score is at most zt_i + G_MAX, so only candidates with
+    zt_i + G_MAX > LB can win; the noise is computed for them alone and the argmax taken over them
+    (no other token can reach LB). Rows with NaN or +inf (their max is not finite) take the full path."""
+    R, V = zt.shape
+    if zt.device.type != "cpu" or V <= 4096:
+        return torch.argmax(zt + gumbel(keys, V), dim=-1)
+    if zmax is None:
+        zmax, amax = zt.max(dim=-1, keepdim=True)
+    # max propagates NaN, so this also catches NaN rows; |zt| < 2**20 keeps fp32's rounding of the
+    # bound (<= 2**-4) far inside the margin G_MAX - 16.64
+    if not bool((zmax.abs() < 2.0 ** 20).all()):
+        return torch.argmax(zt + gumbel(keys, V), dim=-1)
+    keys = keys.to(torch.int64)
+    lb = zmax[:, 0] + -torch.log(-torch.log(uniform_at(keys, amax[:, 0])))  # [R], a score that exists
+    rows, cols = torch.nonzero(zt > (lb - G_MAX)[:, None], as_tuple=True)  # candidates, row-major
+    score = zt[rows, cols] + -torch.log(-torch.log(uniform_at(keys[rows], cols)))
+    best = torch.full((R,), float("-inf"), device=zt.device).scatter_reduce_(0, rows, score, "amax")
+    win = score == best[rows]
+    return torch.full((R,), V, device=zt.device).scatter_reduce_(0, rows[win], cols[win], "amin")
 
 
 def gather_logprobs(
