@@ -16,7 +16,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 
 import powersample_fast as pf
 from powersample_fast.engine import Engine
@@ -153,18 +152,9 @@ def test_evidence_unbiased_and_weighted_law_exact(toy_dir, markov_dir, toy, tau,
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Llama, vocab 61, EOS 7 (as in test_sampler.py)."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256, eos_token_id=7)
-    m = tf.LlamaForCausalLM(cfg).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.3)
-    d = tmp_path_factory.mktemp("tiny")
-    m.save_pretrained(d)
-    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
-    return model
+def tiny_model(tiny):
+    """The tiny random Llama of conftest (vocab 61, EOS 7)."""
+    return tiny[0]
 
 
 def _recompute(model, prompt, tokens, tau):
@@ -174,7 +164,7 @@ def _recompute(model, prompt, tokens, tau):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_resampling_copies_kv(tiny, backend, monkeypatch):
+def test_resampling_copies_kv(tiny_model, backend, monkeypatch):
     """After resampling events every particle's logp/logq equal a from-scratch forward of its tokens
     (children decode on their parent's forked K/V), the K/V copies of a step are one launch, children
     sample their own futures, and weights are normalised. Triton: the kv_copy_ kernel, interpreted."""
@@ -182,7 +172,7 @@ def test_resampling_copies_kv(tiny, backend, monkeypatch):
 
     monkeypatch.setenv("POWERSAMPLE_FAST_BACKEND", backend)
     assert ops.backend_for(torch.zeros(1)) == backend
-    s = pf.PowerSampler(tiny)
+    s = pf.PowerSampler(tiny_model)
     prompts = [[1, 2, 3, 4, 5], [9, 8]]
     T_ = 24 if backend == "torch" else 8
     res = s.generate(prompts, method="smc", particles=6, ess_threshold=1.0, alpha=4.0, max_new_tokens=T_, n=2,
@@ -198,17 +188,17 @@ def test_resampling_copies_kv(tiny, backend, monkeypatch):
         for p in ps + [dict(token_ids=r.token_ids, logp=r.logp, logq=r.logq)]:
             toks = p["token_ids"]
             assert 1 <= len(toks) <= T_ and 7 not in toks[:-1]
-            lp, lq = _recompute(tiny, prompts[r.prompt_index], toks, 0.25)
+            lp, lq = _recompute(tiny_model, prompts[r.prompt_index], toks, 0.25)
             assert torch.allclose(torch.tensor(p["logp"], dtype=torch.float64), lp, atol=2e-4)
             assert torch.allclose(torch.tensor(p["logq"], dtype=torch.float64), lq, atol=2e-4)
 
 
-def test_batch_composition_independence(tiny):
+def test_batch_composition_independence(tiny_model):
     """A run's particles share one group: its result does not depend on the other groups in the batch."""
     kw = dict(method="smc", particles=4, ess_threshold=0.9, alpha=3.0, max_new_tokens=16, n=3, seed=11,
               progress=False)
-    a = pf.PowerSampler(tiny).generate([[1, 2, 3], [4, 5]], max_batch=4, **kw)
-    b = pf.PowerSampler(tiny).generate([[1, 2, 3], [4, 5]], max_batch=24, **kw)
+    a = pf.PowerSampler(tiny_model).generate([[1, 2, 3], [4, 5]], max_batch=4, **kw)
+    b = pf.PowerSampler(tiny_model).generate([[1, 2, 3], [4, 5]], max_batch=24, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [r.extra["log_evidence"] for r in a] == pytest.approx([r.extra["log_evidence"] for r in b], abs=1e-5)
     assert [len(r.extra["ess_trace"]) for r in a] == [len(r.extra["ess_trace"]) for r in b]
@@ -222,19 +212,19 @@ def test_batch_composition_independence(tiny):
     (dict(alpha_ramp_tokens=-1), "alpha_ramp_tokens"),
     (dict(return_all=1), "return_all"),
 ])
-def test_bad_arguments(tiny, kw, match):
+def test_bad_arguments(tiny_model, kw, match):
     with pytest.raises(ConfigError, match=match):
-        pf.PowerSampler(tiny).generate([[1, 2]], method="smc", max_new_tokens=4, progress=False, **kw)
+        pf.PowerSampler(tiny_model).generate([[1, 2]], method="smc", max_new_tokens=4, progress=False, **kw)
 
 
-def test_engine_too_small_for_the_particles(tiny):
-    eng = Engine(tiny, max_batch=4, max_len=16, store_rows=0)
+def test_engine_too_small_for_the_particles(tiny_model):
+    eng = Engine(tiny_model, max_batch=4, max_len=16, store_rows=0)
     with pytest.raises(ConfigError, match="needs 8 decode and 0 store rows"):
         eng.add_request([1, 2], SamplingParams(method="smc", particles=8, max_new_tokens=4))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-from test_cli import model_dir  # noqa: E402,F401  (tiny model + tokenizer fixture)
+from test_cli import model_dir  # noqa: E402,F401  (tiny_model model + tokenizer fixture)
 
 
 @pytest.mark.parametrize("method,flags,key", [

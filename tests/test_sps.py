@@ -90,22 +90,12 @@ def test_approaches_power_law(sampler, toy_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256, eos_token_id=7)
-    m = tf.LlamaForCausalLM(cfg).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.3)
-    d = tmp_path_factory.mktemp("tiny")
-    m.save_pretrained(d)
-    model, _ = pf.load(d, device="cpu", dtype=torch.float32)
-    return model
+def tiny_model(tiny):
+    """The tiny random Llama of conftest (vocab 61, EOS 7)."""
+    return tiny[0]
 
 
-def test_rollouts_decode_on_the_right_kv(tiny, monkeypatch):
+def test_rollouts_decode_on_the_right_kv(tiny_model, monkeypatch):
     """Every rollout's summed log p (what zeta is estimated from) equals a from-scratch forward of
     prompt + kept prefix + candidate + rollout, over many decisions (so the per-token delta forks of
     the prefix into the rollout rows are right), and the kept tokens' logp too."""
@@ -119,20 +109,20 @@ def test_rollouts_decode_on_the_right_kv(tiny, monkeypatch):
                 toks = s.tokens  # [candidate, rollout tokens...]
                 ctx = g.prompt + st.tokens + toks[:1]
                 if len(toks) > 1:
-                    z = tiny(torch.tensor([ctx + toks[1:-1]]))[0, len(ctx) - 1:].double()
+                    z = tiny_model(torch.tensor([ctx + toks[1:-1]]))[0, len(ctx) - 1:].double()
                     want = torch.log_softmax(z, -1).gather(1, torch.tensor(toks[1:])[:, None]).sum().item()
                     assert st.f[ci, r] == pytest.approx(want, abs=5e-4)
                     checked.append(len(toks) - 1)
         return orig(self, eng, g)
 
     monkeypatch.setattr(sps_mod.SPSPolicy, "_decide", spy)
-    s = pf.PowerSampler(tiny)
+    s = pf.PowerSampler(tiny_model)
     prompts = [[1, 2, 3, 4, 5], [9, 8]]
     res = s.generate(prompts, method="sps", sps_top_k=3, sps_rollouts=2, sps_horizon=5, max_new_tokens=12, n=2,
                      seed=2, progress=False, max_batch=14)
     assert len(checked) > 50 and max(checked) == 5
     for r in res:
-        z = tiny(torch.tensor([prompts[r.prompt_index] + r.token_ids]))[0, len(prompts[r.prompt_index]) - 1:-1]
+        z = tiny_model(torch.tensor([prompts[r.prompt_index] + r.token_ids]))[0, len(prompts[r.prompt_index]) - 1:-1]
         lp = torch.log_softmax(z.double(), -1).gather(1, torch.tensor(r.token_ids)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(r.logp, dtype=torch.float64), lp, atol=2e-4)
         assert r.extra["decisions"] == len(r.token_ids)
@@ -163,7 +153,7 @@ def test_paper_defaults_run_on_the_default_model():
     (dict(top_k=5), "top_k does not apply to method 'sps'"),
     (dict(method="beam"), "unknown method 'beam'; choose one of plain, mh, smc, sps"),
 ])
-def test_bad_arguments(tiny, kw, match):
+def test_bad_arguments(tiny_model, kw, match):
     kw = dict(dict(method="sps"), **kw)
     with pytest.raises(ConfigError, match=match):
-        pf.PowerSampler(tiny).generate([[1, 2]], max_new_tokens=4, progress=False, **kw)
+        pf.PowerSampler(tiny_model).generate([[1, 2]], max_new_tokens=4, progress=False, **kw)
