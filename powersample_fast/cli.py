@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on CUDA and on CPUs with native bf16, else fp32)")
     s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
     s.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 on machines with <= 2 cores, else torch's default)")
+                   help="torch CPU threads (default: 1 on a busy machine with <= 2 cores, else torch's default)")
     s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
     m = s.add_argument_group("methods", "power-sampling method and its parameters (defaults: the papers')")
     m.add_argument("--method", default=None, choices=["plain", "mh", "smc", "sps"],

@@ -17,13 +17,22 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(cores: Optional[int] = None) -> Optional[int]:
-    """torch intra-op threads for the CLI: 1 on machines with <= 2 usable cores, else None (torch's
-    own default, one per physical core). Measured on this project's shared 2-core machine with
-    SmolLM2-135M: one decode step took 54-56 ms with 1 thread and 61-198 ms with 2 (one row), and
-    95-110 ms vs 480-990 ms for two rows, as soon as another process used a core."""
+def default_threads(cores: Optional[int] = None, load: Optional[float] = None) -> Optional[int]:
+    """torch intra-op threads for the CLI: 1 on a machine with <= 2 usable cores that other processes
+    are using (1-minute load average >= 1), else None (torch's default, one per physical core).
+    Measured with SmolLM2-135M on a 2-core machine: idle, a one-row decode step takes 49 ms with 2
+    threads and 89 ms with 1 (`make run` 13 s vs 15-18 s of sampling); with another process on a
+    core it took 61-198 ms with 2 and 54-56 ms with 1 (two rows: 480-990 ms vs 95-110 ms), as
+    torch's threads wait on the busy core."""
     cores = usable_cores() if cores is None else cores
-    return 1 if cores <= 2 else None
+    if cores > 2:
+        return None
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # pragma: no cover - unavailable: assume shared
+            load = float(cores)
+    return 1 if load >= 1.0 else None
 
 
 def check_profile_path(path: Optional[str]) -> None:

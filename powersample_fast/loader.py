@@ -9,7 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterator, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -255,13 +255,27 @@ def load_tokenizer(path: Union[str, os.PathLike]):
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         return None
     try:
-        from transformers import AutoTokenizer
+        # A directory whose tokenizer_config names PreTrainedTokenizerFast (the default model's) gets
+        # that class directly: AutoTokenizer imports transformers' model configs, generation and
+        # torch._dynamo on the way, ~2 s of every CLI start (measured: 3.2 s vs 1.1 s).
+        if _tokenizer_class(path) == "PreTrainedTokenizerFast" and (path / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast as AutoTokenizer
+        else:
+            from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover
         raise ModelLoadError(f"transformers is needed to load the tokenizer in {path}: {e}") from None
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {e}") from None
+
+
+def _tokenizer_class(path: Path) -> Optional[str]:
+    try:
+        cls = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: AutoTokenizer decides
+        return None
+    return cls if isinstance(cls, str) else None
 
 
 def resolve_model_dir(path_or_name: Union[str, os.PathLike] = "default") -> Path:

@@ -116,9 +116,15 @@ def test_threads(model_dir, monkeypatch, keep_threads):
     torch.set_num_threads(2)
     assert _run(model_dir, "--threads", "1") == 0 and seen["threads"] == 1
     monkeypatch.setattr(cli_setup, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cli_setup.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
     torch.set_num_threads(2)
-    assert _run(model_dir) == 0 and seen["threads"] == 1  # default on <= 2 cores
-    assert cli_setup.default_threads(cores=2) == 1 and cli_setup.default_threads(cores=16) is None
+    assert _run(model_dir) == 0 and seen["threads"] == 1  # default on a busy machine with <= 2 cores
+    monkeypatch.setattr(cli_setup.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    torch.set_num_threads(2)
+    assert _run(model_dir) == 0 and seen["threads"] == 2  # idle: torch's default kept
+    assert cli_setup.default_threads(cores=2, load=1.0) == 1
+    assert cli_setup.default_threads(cores=2, load=0.2) is None
+    assert cli_setup.default_threads(cores=16, load=8.0) is None
 
 
 @pytest.mark.parametrize("args,match", [
