@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import distributed
+from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args
 from .errors import ConfigError, PowerSampleError
 from .grading import GRADERS, check_grader, grade_math, pass_at_k
 from .results_store import ResultStore
@@ -110,7 +111,8 @@ def summarize(recs, tokens_run: int, wall_s: float) -> dict:
 
 def add_parser(subparsers):
     r = subparsers.add_parser("run", help="power-sample a JSONL file of problems (resumable; shard with torchrun)")
-    r.add_argument("--model", default="default", help="HF-format model directory, or 'default'")
+    add_engine_args(r, model_help="HF-format model directory, or 'default'",
+                    device_help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)", dtype_help=DTYPE_HELP)
     r.add_argument("--input", required=True, help="JSONL: one {\"id\", \"prompt\" | \"messages\", ...} per line")
     r.add_argument("--output", required=True, help="JSONL of results (appended as requests finish)")
     r.add_argument("--resume", action="store_true", help="skip ids already in the output and continue it")
@@ -126,12 +128,6 @@ def add_parser(subparsers):
     r.add_argument("--seed", type=int, default=0, help="base seed (default 0); chains are keyed by (seed, id, sample)")
     r.add_argument("--top-k", type=int, default=None, help="restrict proposals to the top-k tokens")
     r.add_argument("--index", default=None, choices=["uniform", "last_block"], help="cut-index mode")
-    r.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
-    r.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)")
-    r.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    r.add_argument("--max-len", type=int, default=None,
-                   help="positions per KV row, prompt + new tokens (default: the model's context)")
-    r.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=main)
     return r
@@ -143,6 +139,8 @@ def main(args) -> int:
         ok, err = True, None
         try:
             check_grader(args.grade)
+            check_engine_args(args)
+            apply_threads(args)
             store = ResultStore(args.output, info.rank, info.world_size)
             store.check_fresh(args.resume)
             with open(args.input, encoding="utf-8") as f:

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from . import __version__
+from .cli_setup import DTYPE_HELP, add_engine_args
 from .errors import PowerSampleError
 
 
@@ -19,7 +20,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"powersample-fast {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="power-sample one or more prompts")
-    s.add_argument("--model", default="default", help="HF-format model directory, or 'default' (SmolLM2-135M-Instruct)")
     s.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several prompts)")
     chat = s.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -34,13 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed with --json)")
     s.add_argument("--top-k", type=int, default=None, help="restrict proposals to the top-k tokens (default off)")
     s.add_argument("--index", default="uniform", choices=["uniform", "last_block"], help="cut-index mode")
-    s.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
-    s.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
-    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on CUDA and on CPUs with native bf16, else fp32)")
+    add_engine_args(s, model_help="HF-format model directory, or 'default' (SmolLM2-135M-Instruct)",
+                    device_help="torch device (default: cuda if available else cpu)", dtype_help=DTYPE_HELP,
+                    max_len=False)
     s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
-    s.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 on a busy machine with <= 2 cores, else torch's default)")
-    s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
     m = s.add_argument_group("methods", "power-sampling method and its parameters (defaults: the papers')")
     m.add_argument("--method", default=None, choices=["plain", "mh", "smc", "sps"],
                    help="mh: Algorithm 1 (default); smc: Power-SMC; sps: Scalable Power Sampling; plain: ancestral")
@@ -125,29 +122,23 @@ def _main(argv) -> int:
 
 
 def _sample(args) -> int:
-    from .cli_setup import check_profile_path
-    from .errors import ConfigError
+    from .cli_setup import check_engine_args, check_profile_path
     from .params import SamplingParams, resolve_seed
 
     method_kw = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
     p = SamplingParams(alpha=args.alpha, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
                        mcmc_steps=args.steps, proposal_temperature=args.temperature, top_k=args.top_k,
                        index=args.index, n=args.n, seed=resolve_seed(args.seed), **method_kw)
-    for name in ("max_batch", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1 (got {v})")
+    check_engine_args(args)
     check_profile_path(args.profile)
 
     import torch  # heavy imports from here on (inside main's KeyboardInterrupt handler)
 
     from . import cli_output as out
-    from .cli_setup import check_backend, check_prompts, default_threads, profiler
+    from .cli_setup import apply_threads, check_backend, check_prompts, profiler
     from .device import default_dtype, resolve_device, resolve_dtype
 
-    threads = args.threads or default_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    apply_threads(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype) if args.dtype is not None else default_dtype(device)
     check_backend(args.backend, device)

@@ -35,6 +35,41 @@ def default_threads(cores: Optional[int] = None, load: Optional[float] = None) -
     return 1 if load >= 1.0 else None
 
 
+DTYPE_HELP = "float32 | bfloat16 | float16 (default bf16 on CUDA and on CPUs with native bf16, else fp32)"
+
+
+def add_engine_args(p, *, model_help: str, device_help: str, dtype_help: str, max_len: bool = True) -> None:
+    """The flags `sample`, `serve` and `run` share: model, batch, device, dtype, KV row length,
+    threads, CUDA graphs (checked by `check_engine_args`, threads set by `apply_threads`)."""
+    p.add_argument("--model", default="default", help=model_help)
+    p.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
+    p.add_argument("--device", default=None, help=device_help)
+    p.add_argument("--dtype", default=None, help=dtype_help)
+    if max_len:
+        p.add_argument("--max-len", type=int, default=None,
+                       help="positions per KV row, prompt + new tokens (default: the model's context)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 on a busy machine with <= 2 cores, else torch's default)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
+
+
+def check_engine_args(args) -> None:
+    """The integer flags of `add_engine_args` are >= 1 (before anything loads)."""
+    for name in ("max_batch", "max_len", "threads"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1 (got {v})")
+
+
+def apply_threads(args) -> None:
+    """Set torch's CPU threads: --threads, else `default_threads()` (imports torch)."""
+    import torch
+
+    threads = args.threads or default_threads()
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def check_profile_path(path: Optional[str]) -> None:
     """--profile must name a file we can create: its directory exists and is writable, and it is not
     itself a directory. Checked before sampling, so a long run is not lost to a bad path."""

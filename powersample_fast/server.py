@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import openai_protocol as proto
+from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args
 from .engine_thread import EngineWorker
 from .errors import ConfigError
 
@@ -237,18 +238,13 @@ class _Call:
 
 def add_parser(subparsers):
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
-    s.add_argument("--model", default="default", help="HF-format model directory, or 'default'")
+    add_engine_args(s, model_help="HF-format model directory, or 'default'",
+                    device_help="torch device (default: cuda if available else cpu)", dtype_help=DTYPE_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    s.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
     s.add_argument("--max-pending", type=int, default=256,
                    help="chains (prompts x n) queued or running before new requests get 503 (default 256)")
     s.add_argument("--served-model-name", default=None, help="name in /v1/models (default: the --model value)")
-    s.add_argument("--device", default=None, help="torch device (default: cuda if available else cpu)")
-    s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    s.add_argument("--max-len", type=int, default=None,
-                   help="positions per KV row, prompt + new tokens (default: the model's context)")
-    s.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
     s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     s.set_defaults(func=main)
     return s
@@ -260,6 +256,8 @@ def main(args) -> int:
     except ImportError:
         print("powersample-fast serve needs FastAPI and uvicorn: pip install 'powersample-fast[serve]'", file=sys.stderr)
         return 2
+    check_engine_args(args)
+    apply_threads(args)
     from .engine import Engine
     from .loader import load
 

@@ -169,3 +169,11 @@ def test_pass_at_k():
     assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 1) == 1.0
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(0.5)
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--max-batch", "--max-len"])
+def test_engine_flags_checked_before_loading(random_model, tmp_path, capsys, flag):
+    """`run` shares sample's engine flags (cli_setup.add_engine_args) and their checks."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+    assert run("--model", random_model, "--input", inp, "--output", tmp_path / "out.jsonl", flag, 0) == 2
+    assert f"{flag} must be an integer >= 1 (got 0)" in capsys.readouterr().err
