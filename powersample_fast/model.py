@@ -53,7 +53,15 @@ class ModelConfig:
     hidden_act: str = "silu"  # MLP activation: act(gate) * up (config_check.SUPPORTED_ACTIVATIONS)
 
     def __post_init__(self):
+        # a config read by from_hf was checked by config_check; one built by hand is checked here
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ModelLoadError(f"ModelConfig.{name} must be a positive integer (got {v!r})")
         if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ModelLoadError(f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
+                                     "when head_dim is not given")
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ModelLoadError(
@@ -71,6 +79,9 @@ class ModelConfig:
             raise ModelLoadError(f"{source} must hold a JSON object (got {type(d).__name__}); "
                                  "pass an HF-format model directory")
         archs = d.get("architectures") or []
+        if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise ModelLoadError(f"{source}: architectures must be a list of class names such as "
+                                 f"[\"LlamaForCausalLM\"] (got {archs!r})")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                        "phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM"}.get(
             d.get("model_type", ""), "")

@@ -106,6 +106,7 @@ def test_config_that_is_not_an_object(tmp_path, text):
     (dict(max_position_embeddings=0), r"max_position_embeddings must be a positive integer"),
     (dict(rms_norm_eps=-1.0), r"rms_norm_eps must be a finite number > 0"),
     (dict(eos_token_id="</s>"), r"eos_token_id must be a token id"),
+    (dict(architectures="LlamaForCausalLM"), r"architectures must be a list of class names"),
 ])
 def test_config_numbers_validated_first(tmp_path, edit, match):
     d, _ = _save(tmp_path)
@@ -135,3 +136,20 @@ def test_projection_shape_checked_before_fusion(tmp_path, name, shape):
     with pytest.raises(ModelLoadError, match=rf"tensor {name} in .* has shape \({shape[0]}, {shape[1]}\), "
                                              r"expected \(\d+, \d+\) from config\.json"):
         pf.load(d)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("n_heads", 0, r"ModelConfig.n_heads must be a positive integer \(got 0\)"),
+    ("n_kv_heads", 0, r"ModelConfig.n_kv_heads must be a positive integer \(got 0\)"),
+    ("dim", 30, r"ModelConfig.dim \(30\) must be divisible by n_heads \(4\)"),
+    ("vocab_size", 9.5, r"ModelConfig.vocab_size must be a positive integer \(got 9.5\)"),
+])
+def test_hand_built_model_config_checked(field, value, match):
+    """A ModelConfig built in code (not from config.json) is validated too."""
+    from powersample_fast.model import ModelConfig
+
+    kw = dict(arch="LlamaForCausalLM", vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+              intermediate_size=48, max_seq_len=128)
+    kw[field] = value
+    with pytest.raises(ModelLoadError, match=match):
+        ModelConfig(**kw)
