@@ -6,7 +6,7 @@ git revision of the package in the same process (interleaved, so machine load hi
 A step is `model.cached_core` on rows of 128 prompt tokens (different lengths per row, as MH chains
 have) plus `sample_logprobs` at inv_tau 4 (the MH proposal at alpha 4) on its logits. Variants:
 "base" (the revision, imported as a separate package), "cur" (this tree), and "cur -onednn" (this
-tree with `model.set_onednn_linear(False)`). Printed: median ms and spread over --reps, the load
+tree with `cpu_linear.set_onednn_linear(False)`). Printed: median ms and spread over --reps, the load
 average before and after, and whether each variant's logits equal the base's bit for bit.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     import powersample_fast as cur
-    from powersample_fast import model as cur_model
+    from powersample_fast import cpu_linear as cur_linear
     from powersample_fast.hub import default_model_dir
 
     d = default_model_dir()
@@ -102,7 +102,7 @@ def main(argv=None):
     for name, pkg in pkgs.items():
         m = pkg.load(d, device="cpu", dtype=args.dtype)[0]
         variants[name] = (pkg, m, True if name == "cur" else None)
-        if name == "cur" and hasattr(cur_model, "set_onednn_linear"):
+        if name == "cur" and hasattr(cur_linear, "set_onednn_linear"):
             variants["cur -onednn"] = (pkg, m, False)
     rows = [int(r) for r in args.rows.split(",")]
     fns, logits = {}, {}
@@ -110,20 +110,20 @@ def main(argv=None):
         for B in rows:
             for name, (pkg, m, flag) in variants.items():
                 if flag is not None:
-                    cur_model.set_onednn_linear(flag)
+                    cur_linear.set_onednn_linear(flag)
                 cache = make_rows(pkg, m, B, args.prompt_len)
                 fns[name, B], logits[name, B] = step_fns(pkg, m, cache, B)
-        cur_model.set_onednn_linear(True)
+        cur_linear.set_onednn_linear(True)
         load0 = os.getloadavg()
         res = {}
         for _ in range(args.reps):
             for B in rows:
                 for name, (pkg, m, flag) in variants.items():
                     if flag is not None:
-                        cur_model.set_onednn_linear(flag)
+                        cur_linear.set_onednn_linear(flag)
                     for part, f in fns[name, B].items():
                         res.setdefault((B, name, part), []).append(timed(f, args.calls))
-        cur_model.set_onednn_linear(True)
+        cur_linear.set_onednn_linear(True)
         load1 = os.getloadavg()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")

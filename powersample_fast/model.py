@@ -7,8 +7,6 @@ RoPE is HF's rotate-half form, so HF safetensors load without permutation.
 from __future__ import annotations
 
 import math
-import os
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -17,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config_check import SUPPORTED_ACTIVATIONS, check_hf_config
+from .cpu_linear import linear
 from .errors import ConfigError, ModelLoadError
 
 SUPPORTED_ARCHITECTURES = (
@@ -176,62 +175,6 @@ def _rope_inv_freq(cfg: ModelConfig, long: bool) -> Tuple[torch.Tensor, float]:
         ext = torch.tensor(p["long_factor"] if long else p["short_factor"], dtype=torch.float32)
         inv = 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     return inv, float(scale)
-
-
-# ---------------------------------------------------------------------------------------------
-# Linear layers on CPU: oneDNN with pre-packed weights
-# ---------------------------------------------------------------------------------------------
-# torch's fp32 F.linear on CPU is MKL sgemm, which re-packs the whole weight on every call: with a
-# few rows (decode) it costs ~2x a 1-row call at 2 rows already. oneDNN's matmul on a weight
-# reordered once (`_reorder_linear_weight`, what torch.compile's CPU backend does) costs nearly the
-# same at 1..8 rows (`benchmarks/bench_cpu_step.py`, default model, 1 thread: 8-row decode step
-# 171 -> 136 ms; 1 row unchanged). The packed copy is kept beside the weight (fp32 weights are held
-# twice) and made on first use; a weight replaced or changed in place (data_ptr, version) is re-packed.
-# POWERSAMPLE_FAST_ONEDNN=0 turns it off. fp32 only: a bf16 weight keeps torch's path (measured on
-# no CPU with native bf16 yet).
-ONEDNN_ENV = "POWERSAMPLE_FAST_ONEDNN"
-_PACKED: dict = {}  # id(weight) -> (weakref to weight, (data_ptr, version), packed); dropped with the weight
-_PACK_BATCH = 8  # oneDNN's hint for the row count it tunes the packed layout for
-
-
-def onednn_linear_enabled() -> bool:
-    return (os.environ.get(ONEDNN_ENV, "1") != "0" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-_ONEDNN = onednn_linear_enabled()
-
-
-def set_onednn_linear(enabled: bool) -> None:
-    """Use (True, the default where available) or not oneDNN packed weights for fp32 CPU linears."""
-    global _ONEDNN
-    _ONEDNN = bool(enabled) and onednn_linear_enabled()
-
-
-def _packed_weight(w: torch.Tensor) -> Optional[torch.Tensor]:
-    """The oneDNN-packed copy of the fp32 CPU weight w [N, K] (made or refreshed here), or None."""
-    try:
-        key = (w.data_ptr(), w._version)
-    except RuntimeError:  # an inference-mode tensor has no version counter: leave it to torch
-        return None
-    hit = _PACKED.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == key:
-        return hit[2]
-    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_BATCH)
-    if hit is None or hit[0]() is not w:
-        weakref.finalize(w, _PACKED.pop, id(w), None)
-    _PACKED[id(w)] = (weakref.ref(w), key, packed)
-    return packed
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); fp32 on CPU through oneDNN with a packed weight (see above)."""
-    if _ONEDNN and x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype == torch.float32:
-        packed = _packed_weight(weight)
-        if packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-            return y.view(*x.shape[:-1], y.shape[-1])
-    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):

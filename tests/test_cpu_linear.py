@@ -1,4 +1,4 @@
-"""model.linear: fp32 CPU linears through oneDNN with packed weights (re-packed when a weight changes),
+"""cpu_linear.linear: fp32 CPU linears through oneDNN with packed weights (re-packed when a weight changes),
 and the joint q/k RoPE (bit for bit HF's rotate-half formula)."""
 import copy
 import gc
@@ -7,16 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from powersample_fast import cpu_linear as L
 from powersample_fast import model as M
 
-pytestmark = pytest.mark.skipif(not M.onednn_linear_enabled(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not L.onednn_linear_enabled(), reason="torch built without oneDNN")
 
 
 @pytest.fixture(autouse=True)
 def onednn_on():
-    M.set_onednn_linear(True)
+    L.set_onednn_linear(True)
     yield
-    M.set_onednn_linear(True)
+    L.set_onednn_linear(True)
 
 
 @pytest.mark.parametrize("shape", [(0, 40), (1, 40), (3, 40), (8, 40), (17, 40), (2, 5, 40)])
@@ -26,7 +27,7 @@ def test_linear_matches_f_linear(shape, bias):
     w = torch.randn(33, 40, generator=g)
     b = torch.randn(33, generator=g) if bias else None
     x = torch.randn(*shape, generator=g)
-    y = M.linear(x, w, b)
+    y = L.linear(x, w, b)
     assert y.shape == (*shape[:-1], 33) and y.dtype == torch.float32
     # fp32 matmul over K=40 in another order: |error| ~ sqrt(K) * 2**-24 * |x||w|
     torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
@@ -35,37 +36,37 @@ def test_linear_matches_f_linear(shape, bias):
 def test_weight_changed_in_place_or_replaced_is_repacked():
     w = torch.randn(16, 8)
     x = torch.randn(4, 8)
-    torch.testing.assert_close(M.linear(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(L.linear(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         w.mul_(2.0)  # bumps the version counter
-    torch.testing.assert_close(M.linear(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(L.linear(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
     lin = torch.nn.Linear(8, 16)
-    M.linear(x, lin.weight, lin.bias)
+    L.linear(x, lin.weight, lin.bias)
     lin.weight = torch.nn.Parameter(torch.randn(16, 8))  # a new tensor
-    torch.testing.assert_close(M.linear(x, lin.weight, lin.bias), lin(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(L.linear(x, lin.weight, lin.bias), lin(x), atol=1e-5, rtol=1e-5)
 
 
 def test_packed_copies_die_with_their_weights():
     w = torch.randn(16, 8)
-    M.linear(torch.randn(2, 8), w)
-    assert id(w) in M._PACKED
+    L.linear(torch.randn(2, 8), w)
+    assert id(w) in L._PACKED
     key = id(w)
     del w
     gc.collect()
-    assert key not in M._PACKED
+    assert key not in L._PACKED
 
 
 def test_off_switch_bf16_and_inference_tensors_use_torch():
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(16, 8, generator=g), torch.randn(3, 8, generator=g)
-    M.set_onednn_linear(False)
-    assert torch.equal(M.linear(x, w), F.linear(x, w))
-    M.set_onednn_linear(True)
+    L.set_onednn_linear(False)
+    assert torch.equal(L.linear(x, w), F.linear(x, w))
+    L.set_onednn_linear(True)
     wb, xb = w.bfloat16(), x.bfloat16()
-    assert torch.equal(M.linear(xb, wb), F.linear(xb, wb))
+    assert torch.equal(L.linear(xb, wb), F.linear(xb, wb))
     with torch.inference_mode():
         wi = torch.randn(16, 8)  # an inference tensor has no version counter: not packed
-        assert torch.equal(M.linear(x, wi), F.linear(x, wi))
+        assert torch.equal(L.linear(x, wi), F.linear(x, wi))
 
 
 def test_model_with_packed_weights_deepcopies(toy_dir):
