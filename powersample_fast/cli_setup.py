@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -17,22 +18,53 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(cores: Optional[int] = None, load: Optional[float] = None) -> Optional[int]:
-    """torch intra-op threads for the CLI: 1 on a machine with <= 2 usable cores that other processes
-    are using (1-minute load average >= 1), else None (torch's default, one per physical core).
-    Measured with SmolLM2-135M on a 2-core machine: idle, a one-row decode step takes 49 ms with 2
-    threads and 89 ms with 1 (`make run` 13 s vs 15-18 s of sampling); with another process on a
-    core it took 61-198 ms with 2 and 54-56 ms with 1 (two rows: 480-990 ms vs 95-110 ms), as
-    torch's threads wait on the busy core."""
+def others_cpu_use(cpus, window: float = 0.2) -> Optional[float]:
+    """Cores' worth of CPU time that other processes used on `cpus` over `window` seconds (this
+    process sleeps meanwhile), from /proc/stat; None where that is unreadable (not Linux)."""
+    def read():
+        rows = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    name, *ticks = line.split()
+                    rows[int(name[3:])] = [int(t) for t in ticks[:8]]  # user .. steal
+        return rows
+
+    try:
+        a = read()
+        time.sleep(window)
+        b = read()
+    except (OSError, ValueError):
+        return None
+    used = 0.0
+    for c in cpus:
+        if c in a and c in b:
+            d = [y - x for x, y in zip(a[c], b[c])]
+            total, idle = sum(d), d[3] + d[4]  # idle + iowait
+            used += (total - idle) / total if total > 0 else 0.0
+    return used
+
+
+def default_threads(cores: Optional[int] = None, others: Optional[float] = None) -> Optional[int]:
+    """torch intra-op threads for the CLI: 1 on a machine with <= 2 usable cores where other
+    processes use at least half a core right now (`others_cpu_use`), else None (torch's default,
+    one per physical core). Measured with SmolLM2-135M on a 2-core machine: idle, a one-row decode
+    step takes 49 ms with 2 threads and 89 ms with 1; with another process on a core it took
+    61-198 ms with 2 and 54-56 ms with 1 (two rows: 480-990 ms vs 95-110 ms), as torch's threads
+    wait on the busy core. Measured now, not from the load average: the 1-minute average still
+    counts a run that just ended, so a second run in a row would get one thread on an idle machine."""
     cores = usable_cores() if cores is None else cores
     if cores > 2:
         return None
-    if load is None:
+    if others is None:
         try:
-            load = os.getloadavg()[0]
-        except OSError:  # pragma: no cover - unavailable: assume shared
-            load = float(cores)
-    return 1 if load >= 1.0 else None
+            cpus = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - non-Linux
+            cpus = list(range(cores))
+        others = others_cpu_use(cpus)
+        if others is None:  # pragma: no cover - no /proc/stat
+            return None
+    return 1 if others >= 0.5 else None
 
 
 DTYPE_HELP = "float32 | bfloat16 | float16 (default bf16 on CUDA and on CPUs with native bf16, else fp32)"

@@ -116,15 +116,30 @@ def test_threads(model_dir, monkeypatch, keep_threads):
     torch.set_num_threads(2)
     assert _run(model_dir, "--threads", "1") == 0 and seen["threads"] == 1
     monkeypatch.setattr(cli_setup, "usable_cores", lambda: 2)
-    monkeypatch.setattr(cli_setup.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    monkeypatch.setattr(cli_setup, "others_cpu_use", lambda cpus: 0.9)
     torch.set_num_threads(2)
     assert _run(model_dir) == 0 and seen["threads"] == 1  # default on a busy machine with <= 2 cores
-    monkeypatch.setattr(cli_setup.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(cli_setup, "others_cpu_use", lambda cpus: 0.05)
     torch.set_num_threads(2)
     assert _run(model_dir) == 0 and seen["threads"] == 2  # idle: torch's default kept
-    assert cli_setup.default_threads(cores=2, load=1.0) == 1
-    assert cli_setup.default_threads(cores=2, load=0.2) is None
-    assert cli_setup.default_threads(cores=16, load=8.0) is None
+    assert cli_setup.default_threads(cores=2, others=0.5) == 1
+    assert cli_setup.default_threads(cores=2, others=0.2) is None
+    assert cli_setup.default_threads(cores=16, others=8.0) is None
+
+
+def test_others_cpu_use_sees_a_busy_process():
+    """/proc/stat deltas: a spinning child process shows as about one core of other use."""
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this OS (the default then keeps torch's threads)")
+    cpus = sorted(os.sched_getaffinity(0))
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = cli_setup.others_cpu_use(cpus, window=0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert 0.6 <= busy <= len(cpus) + 0.01, busy
 
 
 @pytest.mark.parametrize("args,match", [
