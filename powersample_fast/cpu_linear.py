@@ -3,8 +3,9 @@
 torch's fp32 F.linear on CPU is MKL sgemm, which re-packs the whole weight on every call: with a
 few rows (decode) it costs ~2x a 1-row call at 2 rows already. oneDNN's matmul on a weight
 reordered once (`_reorder_linear_weight`, what torch.compile's CPU backend does) costs nearly the
-same at 1..8 rows (`benchmarks/bench_cpu_step.py`, default model, 1 thread: 8-row decode step
-171 -> 136 ms; 1 row unchanged). The packed copy is kept beside the weight (fp32 weights are held
+same at 1..8 rows. `benchmarks/bench_cpu_step.py`, default model, idle 2-core AVX2 machine, one
+decode step with 2 threads: 1 row 62 -> 49 ms, 8 rows 114 -> 70 ms; with 1 thread: 1 row 64 -> 72 ms
+(the one case it loses), 2 rows 114 -> 77 ms, 8 rows 140 -> 110 ms. The packed copy is kept beside the weight (fp32 weights are held
 twice) and made on first use; a weight replaced or changed in place (data_ptr, version) is re-packed.
 POWERSAMPLE_FAST_ONEDNN=0 turns it off. fp32 only: a bf16 weight keeps torch's path (measured on
 no CPU with native bf16 yet).
