@@ -3,11 +3,12 @@
 # which is what the tool brings back):
 #   bash benchmarks/gpu_session.sh tests "$OUT"                  # ~4 min: CUDA tests + kernel microbenchmarks
 #   bash benchmarks/gpu_session.sh e2e "$OUT" qwen2.5-1.5b      # ~5-8 min per model: naive vs ours (+ CUDA graphs)
+#   bash benchmarks/gpu_session.sh workload "$OUT" qwen2.5-7b   # MATH500-shaped run (mh, smc) + a profile
 # Uses the GPU image's torch/triton/transformers/safetensors; pytest, pytest-benchmark and scipy
 # must be importable (carry wheels if the image lacks them: see the device README).
 set -uo pipefail
-MODE=${1:?usage: gpu_session.sh tests|e2e OUT [MODELS]}
-OUT=${2:?give the output folder (the device tool's \$OUT)}
+MODE=${1:?usage: gpu_session.sh tests|e2e|workload OUT [MODELS]}
+OUT=${2:?give the output folder: the device tool OUT}
 MODELS=${3:-qwen2.5-1.5b}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -23,6 +24,10 @@ if [ "$MODE" = tests ]; then
   # 2. kernel microbenchmarks
   timeout 200 python -m pytest -q -p no:cacheprovider benchmarks/bench_kernels.py --benchmark-only \
       --benchmark-columns=median,iqr,min,rounds --benchmark-json="$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -25
+elif [ "$MODE" = workload ]; then
+  # 4. 64 prompts of ~150 tokens, budget 768, block 192, 10 MH steps, alpha 4, EOS off; then a profiled short run
+  timeout 560 python benchmarks/bench_workload.py --model "${3:-qwen2.5-7b}" --device cuda --methods mh,smc \
+      --profile --out "$OUT" 2>&1 | tee "$OUT/workload.log" | tail -60
 else
   # 3. end to end; results are written after every model
   timeout 560 python benchmarks/run_benchmarks.py --gpu --models "$MODELS" --out "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -30

@@ -101,3 +101,16 @@ def test_readme_says_how_to_reach_the_cli():
     readme = (REPO / "README.md").read_text()
     assert ".venv/bin/powersample-fast" in readme and "source .venv/bin/activate" in readme
     assert "make sample ARGS=" in readme
+
+
+@pytest.mark.parametrize("script", [".ci/run", "benchmarks/gpu_session.sh"])
+def test_shell_scripts_parse(script):
+    """A syntax error in the GPU session script would cost a GPU call (it had one: an apostrophe
+    inside ${2:?...})."""
+    r = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_gpu_session_script_names_its_modes():
+    r = subprocess.run(["bash", str(REPO / "benchmarks/gpu_session.sh")], capture_output=True, text=True)
+    assert r.returncode != 0 and "tests|e2e|workload OUT" in r.stderr

@@ -1,0 +1,55 @@
+"""The MATH500-shaped workload script (benchmarks/bench_workload.py) runs end to end on CPU with a
+tiny model, so a GPU session is not spent on a broken script. Its timings are not checked (they
+are measurements); its counts and its report are."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256)
+    d = tmp_path_factory.mktemp("tiny_workload")
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def test_workload_report(tiny_dir, tmp_path):
+    import bench_workload as bw
+
+    rep = bw.main(["--model", str(tiny_dir), "--device", "cpu", "--prompts", "3", "--prompt-len", "12",
+                   "--budget", "16", "--block-size", "8", "--steps", "2", "--methods", "mh,smc,plain",
+                   "--particles", "4", "--profile", "--profile-budget", "8", "--out", str(tmp_path)])
+    mh, smc, plain = rep["runs"]
+    assert (mh["method"], smc["method"], plain["method"]) == ("mh", "smc", "plain")
+    assert plain["tokens_sampled"] == 3 * 16  # EOS off: every chain runs its whole budget
+    # MH: the 16 kept tokens plus 2 proposals per block, each from an index in [0, k*8) of block k
+    assert 3 * (16 + 2 * 2) <= mh["tokens_sampled"] <= 3 * (16 + 2 * (8 + 16))
+    assert smc["tokens_sampled"] == 3 * 4 * 16 and smc["max_batch_rows"] == 12  # 4 particles per prompt
+    assert mh["extrapolated_s"] == pytest.approx(mh["wall_s"] * 500 / 3)
+    lens = [len(p) for p in bw.make_prompts(64, 150, 1000)]
+    assert 130 <= min(lens) < max(lens) <= 170  # ragged, around 150
+    prof = rep["profile"]
+    assert prof["categories_s"]["linear layers"] > 0 and set(prof["ranges_cpu_s"]) >= {"prefill", "decode"}
+    assert sum(prof["categories_s"].values()) == pytest.approx(prof["busy_s"])
+    md = next(tmp_path.glob("workload-*.md")).read_text()
+    assert "extrapolated to 500 prompts" in md and "| smc |" in md and "## Profile" in md
+    assert json.loads(next(tmp_path.glob("workload-*.json")).read_text())["meta"]["prompts"] == 3
+
+
+def test_unknown_model_is_named(tmp_path):
+    import bench_workload as bw
+
+    with pytest.raises(SystemExit, match="neither a shape"):
+        bw.main(["--model", str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path)])
