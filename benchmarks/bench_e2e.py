@@ -22,7 +22,7 @@ SETTINGS = dict(alpha=4.0, max_new_tokens=64, block_size=32, mcmc_steps=2)
 def setup():
     if torch.cuda.is_available():
         model = rb.random_model("qwen2.5-1.5b", "cuda", torch.bfloat16)
-        hf = rb.hf_twin(model)
+        hf = rb.hf_twin(model, "qwen2.5-1.5b")
         return model, hf, None, torch.randint(0, 1000, (128,)).tolist()
     from transformers import AutoModelForCausalLM
 

@@ -71,14 +71,13 @@ def random_model(name, device, dtype):
     return model
 
 
-def hf_twin(model):
-    """An HF model of the same shape as ours, with its own random weights (for the naive sampler:
-    speed does not depend on the values)."""
+def hf_twin(model, name):
+    """An HF model of shape `name` (ours has it too), with its own random weights (for the naive
+    sampler: speed does not depend on the values)."""
     import transformers
 
     cfg = model.config
-    d = dict(SHAPES[next(k for k, v in SHAPES.items() if v["architectures"][0] == cfg.arch
-                         and v["hidden_size"] == cfg.dim and v["num_hidden_layers"] == cfg.n_layers)])
+    d = dict(SHAPES[name])
     hcfg = transformers.AutoConfig.for_model({"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                                               "Phi3ForCausalLM": "phi3"}[cfg.arch], **{k: v for k, v in d.items()
                                                                                        if k != "architectures"})
@@ -141,7 +140,7 @@ def plain_decode(model, n_tokens, batch, prompt_len=128, graphs=False):
 
 
 def hf_decode(hf, n_tokens, prompt_len=128):
-    x = torch.randint(0, 1000, (1, prompt_len), device=hf.device)
+    x = torch.randint(0, min(1000, hf.config.vocab_size), (1, prompt_len), device=hf.device)
     with torch.inference_mode():
         hf.generate(x, max_new_tokens=4, do_sample=False, min_new_tokens=4)
         synchronize(hf.device)
@@ -342,7 +341,7 @@ def main(argv=None):
             sys.exit("--gpu needs a CUDA device")
         for name in args.models.split(","):
             model = random_model(name, "cuda", torch.bfloat16)
-            hf = hf_twin(model)
+            hf = hf_twin(model, name)
             prompt = torch.randint(0, 1000, (128,)).tolist()
             bench_model(name + " (random init)", model, hf, None, prompt, args, rows)
             write(rows, args, Path(args.out))  # after every model: a run cut short keeps what it measured
