@@ -43,7 +43,7 @@ class Job:
         return int.from_bytes(hashlib.blake2b(str(self.id).encode(), digest_size=4).digest(), "little")
 
 
-def parse_line(line: int, raw: str, defaults: dict, tokenizer, chat: bool, param_cls):
+def parse_line(line: int, raw: str, defaults: dict, tokenizer, chat: Optional[bool], param_cls):
     """A Job, or an error record (dict) for a line that cannot run."""
     obj = None
     try:
@@ -67,7 +67,7 @@ def parse_line(line: int, raw: str, defaults: dict, tokenizer, chat: bool, param
             from .params import normalize_prompts
 
             p = obj["prompt"]
-            ids = normalize_prompts(p if isinstance(p, str) else [p], tokenizer, chat=chat and isinstance(p, str))[0]
+            ids = normalize_prompts(p if isinstance(p, str) else [p], tokenizer, chat=chat)[0]  # ids: never templated
         return Job(line, obj["id"], ids, params, obj.get("answer"))
     except ValueError as e:  # ConfigError, json.JSONDecodeError
         rec = {"line": line, "error": f"line {line}: {e}"}
@@ -117,7 +117,11 @@ def add_parser(subparsers):
     r.add_argument("--output", required=True, help="JSONL of results (appended as requests finish)")
     r.add_argument("--resume", action="store_true", help="skip ids already in the output and continue it")
     r.add_argument("--grade", choices=GRADERS, default=None, help="grade each sample against the line's \"answer\"")
-    r.add_argument("--chat", action="store_true", help="apply the chat template to string prompts too")
+    chat = r.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap string prompts in the model's chat template (default: when the tokenizer has one, "
+                           "as `sample` does; \"messages\" lines always are, token-id prompts never)")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="give string prompts to the model as they are")
     r.add_argument("--method", default=None, help="sampling method (default: mh)")
     r.add_argument("--alpha", type=float, default=None, help="power alpha (default 4)")
     r.add_argument("--steps", type=int, default=None, help="MH steps per block (default 10)")

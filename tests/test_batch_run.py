@@ -177,3 +177,26 @@ def test_engine_flags_checked_before_loading(random_model, tmp_path, capsys, fla
     inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
     assert run("--model", random_model, "--input", inp, "--output", tmp_path / "out.jsonl", flag, 0) == 2
     assert f"{flag} must be an integer >= 1 (got 0)" in capsys.readouterr().err
+
+
+def test_chat_template_default_matches_sample(random_model, tmp_path):
+    """String prompts get the chat template by default (as `sample` does) and not with --no-chat;
+    token-id prompts never do; "messages" lines always do."""
+    from powersample_fast.loader import load_tokenizer
+    from powersample_fast.params import normalize_prompts
+
+    tok = load_tokenizer(random_model)
+    rows = [{"id": "s", "prompt": "two plus two", "method": "plain"},
+            {"id": "ids", "prompt": [5, 6, 7], "method": "plain"},
+            {"id": "m", "messages": [{"role": "user", "content": "two plus two"}], "method": "plain"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    templated = len(normalize_prompts("two plus two", tok, chat=True)[0])
+    raw = len(normalize_prompts("two plus two", tok, chat=False)[0])
+    assert templated > raw
+    got = {}
+    for flag in (None, "--chat", "--no-chat"):
+        out = tmp_path / f"out{flag}.jsonl"
+        assert run("--model", random_model, "--input", inp, "--output", out, *MH, *([flag] if flag else [])) == 0
+        got[flag] = {r["id"]: r["prompt_tokens"] for r in records(out)}
+    assert got[None] == got["--chat"] == {"s": templated, "ids": 3, "m": templated}
+    assert got["--no-chat"] == {"s": raw, "ids": 3, "m": templated}
