@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import distributed
-from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args
+from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args, note_slow_dtype
 from .errors import ConfigError, PowerSampleError
 from .grading import GRADERS, check_grader, grade_math, pass_at_k
 from .results_store import ResultStore
@@ -154,6 +154,7 @@ def main(args) -> int:
             from .params import SamplingParams
 
             model, tok = load(args.model, device=distributed.device_for(info, args.device), dtype=args.dtype)
+            note_slow_dtype(model, quiet=not info.is_main)
             engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
                             cuda_graphs=args.cuda_graphs)
             defaults = {_CLI_TO_FIELD[k]: v for k, v in vars(args).items() if k in _CLI_TO_FIELD and v is not None}

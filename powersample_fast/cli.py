@@ -135,7 +135,7 @@ def _sample(args) -> int:
     import torch  # heavy imports from here on (inside main's KeyboardInterrupt handler)
 
     from . import cli_output as out
-    from .cli_setup import apply_threads, check_backend, check_prompts, profiler
+    from .cli_setup import apply_threads, check_backend, check_prompts, note_slow_dtype, profiler
     from .device import default_dtype, resolve_device, resolve_dtype
 
     apply_threads(args)
@@ -150,6 +150,7 @@ def _sample(args) -> int:
     model_dir = resolve_model_dir(args.model)
     tok, chat = check_prompts(model_dir, args.prompt, args.chat, p.max_new_tokens)
     model = load_model(model_dir, device=device, dtype=dtype)
+    note_slow_dtype(model)
     attach_tokenizer_eos(model, tok)
     from .sampler import PowerSampler
 

@@ -93,6 +93,15 @@ def check_engine_args(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1 (got {v})")
 
 
+def note_slow_dtype(model, quiet: bool = False) -> None:
+    """One stderr line when the loaded model's dtype is slow on its device (`device.slow_dtype_note`)."""
+    from .device import slow_dtype_note
+
+    note = slow_dtype_note(model.device, model.dtype)
+    if note and not quiet:
+        print(f"powersample-fast: note: {note}", file=sys.stderr)
+
+
 def apply_threads(args) -> None:
     """Set torch's CPU threads: --threads, else `default_threads()` (imports torch)."""
     import torch

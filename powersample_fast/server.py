@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import openai_protocol as proto
-from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args
+from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args, note_slow_dtype
 from .engine_thread import EngineWorker
 from .errors import ConfigError
 
@@ -262,6 +262,7 @@ def main(args) -> int:
     from .loader import load
 
     model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    note_slow_dtype(model)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
                     cuda_graphs=args.cuda_graphs)
     name = args.served_model_name or args.model

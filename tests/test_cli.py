@@ -95,3 +95,18 @@ def test_ctrl_c_exits_cleanly(model_dir, monkeypatch, capsys):
 def test_nvtx_and_profile_are_exclusive(model_dir, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["sample", "--model", str(model_dir), "--prompt", "a", "--nvtx", "--profile", str(tmp_path / "t.json")])
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_noted(model_dir, capsys, monkeypatch, native):
+    from powersample_fast import device as D
+
+    monkeypatch.setattr(D, "cpu_has_native_bf16", lambda: native)
+    args = ["sample", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4", "--block-size", "2",
+            "--steps", "1", "--seed", "0", "--no-progress", "--device", "cpu"]
+    assert cli.main(args + ["--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err
+    assert ("no native bf16 matrix instructions" in err and "--dtype float32" in err) is (not native)
+    assert cli.main(args + ["--dtype", "float32"]) == 0
+    assert "native bf16" not in capsys.readouterr().err
+    assert D.slow_dtype_note("cuda", torch.bfloat16) is None
