@@ -211,4 +211,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from powersample_fast.errors import PowerSampleError
+
+    try:
+        main()
+    except PowerSampleError as e:  # bad settings for this model (context too short, ...): one line
+        sys.exit(f"bench_workload: {e}")
