@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import distributed
-from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args, note_slow_dtype
+from .cli_setup import add_engine_args, apply_threads, check_engine_args, note_slow_dtype
 from .errors import ConfigError, PowerSampleError
 from .grading import GRADERS, check_grader, grade_math, pass_at_k
 from .results_store import ResultStore
@@ -112,7 +112,7 @@ def summarize(recs, tokens_run: int, wall_s: float) -> dict:
 def add_parser(subparsers):
     r = subparsers.add_parser("run", help="power-sample a JSONL file of problems (resumable; shard with torchrun)")
     add_engine_args(r, model_help="HF-format model directory, or 'default'",
-                    device_help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)", dtype_help=DTYPE_HELP)
+                    device_help="torch device (default: cuda:LOCAL_RANK if CUDA, else cpu)")
     r.add_argument("--input", required=True, help="JSONL: one {\"id\", \"prompt\" | \"messages\", ...} per line")
     r.add_argument("--output", required=True, help="JSONL of results (appended as requests finish)")
     r.add_argument("--resume", action="store_true", help="skip ids already in the output and continue it")
@@ -154,7 +154,8 @@ def main(args) -> int:
             from .params import SamplingParams
 
             model, tok = load(args.model, device=distributed.device_for(info, args.device), dtype=args.dtype)
-            note_slow_dtype(model, quiet=not info.is_main)
+            if info.is_main:
+                note_slow_dtype(model)
             engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len,
                             cuda_graphs=args.cuda_graphs)
             defaults = {_CLI_TO_FIELD[k]: v for k, v in vars(args).items() if k in _CLI_TO_FIELD and v is not None}

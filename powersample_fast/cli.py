@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from . import __version__
-from .cli_setup import DTYPE_HELP, add_engine_args
+from .cli_setup import add_engine_args
 from .errors import PowerSampleError
 
 
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None, help="restrict proposals to the top-k tokens (default off)")
     s.add_argument("--index", default="uniform", choices=["uniform", "last_block"], help="cut-index mode")
     add_engine_args(s, model_help="HF-format model directory, or 'default' (SmolLM2-135M-Instruct)",
-                    device_help="torch device (default: cuda if available else cpu)", dtype_help=DTYPE_HELP,
+                    device_help="torch device (default: cuda if available else cpu)",
                     max_len=False)
     s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
     m = s.add_argument_group("methods", "power-sampling method and its parameters (defaults: the papers')")

@@ -70,13 +70,13 @@ def default_threads(cores: Optional[int] = None, others: Optional[float] = None)
 DTYPE_HELP = "float32 | bfloat16 | float16 (default bf16 on CUDA and on CPUs with native bf16, else fp32)"
 
 
-def add_engine_args(p, *, model_help: str, device_help: str, dtype_help: str, max_len: bool = True) -> None:
+def add_engine_args(p, *, model_help: str, device_help: str, max_len: bool = True) -> None:
     """The flags `sample`, `serve` and `run` share: model, batch, device, dtype, KV row length,
     threads, CUDA graphs (checked by `check_engine_args`, threads set by `apply_threads`)."""
     p.add_argument("--model", default="default", help=model_help)
     p.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU)")
     p.add_argument("--device", default=None, help=device_help)
-    p.add_argument("--dtype", default=None, help=dtype_help)
+    p.add_argument("--dtype", default=None, help=DTYPE_HELP)
     if max_len:
         p.add_argument("--max-len", type=int, default=None,
                        help="positions per KV row, prompt + new tokens (default: the model's context)")
@@ -93,12 +93,12 @@ def check_engine_args(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1 (got {v})")
 
 
-def note_slow_dtype(model, quiet: bool = False) -> None:
+def note_slow_dtype(model) -> None:
     """One stderr line when the loaded model's dtype is slow on its device (`device.slow_dtype_note`)."""
     from .device import slow_dtype_note
 
     note = slow_dtype_note(model.device, model.dtype)
-    if note and not quiet:
+    if note:
         print(f"powersample-fast: note: {note}", file=sys.stderr)
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import openai_protocol as proto
-from .cli_setup import DTYPE_HELP, add_engine_args, apply_threads, check_engine_args, note_slow_dtype
+from .cli_setup import add_engine_args, apply_threads, check_engine_args, note_slow_dtype
 from .engine_thread import EngineWorker
 from .errors import ConfigError
 
@@ -239,7 +239,7 @@ class _Call:
 def add_parser(subparsers):
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [serve] extra)")
     add_engine_args(s, model_help="HF-format model directory, or 'default'",
-                    device_help="torch device (default: cuda if available else cpu)", dtype_help=DTYPE_HELP)
+                    device_help="torch device (default: cuda if available else cpu)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-pending", type=int, default=256,
