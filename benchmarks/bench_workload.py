@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import powersample_fast as pf  # noqa: E402
 from powersample_fast.device import default_dtype, resolve_dtype, synchronize  # noqa: E402
-from run_benchmarks import SHAPES, device_name, random_model, versions  # noqa: E402
+from run_benchmarks import SHAPES, device_name, random_model, slug, versions  # noqa: E402
 
 CATEGORIES = [  # (category, pattern over op/kernel names), first match wins
     ("sampling kernel", r"_sample_kernel|_sample_combine|sample_logprobs|gather_logprobs"),
@@ -68,6 +68,12 @@ def method_kwargs(method, args):
     elif method == "smc":
         kw.update(particles=args.particles)
     return kw
+
+
+def warm_up(sampler, prompts, kw, max_batch):
+    """A short call outside the timing: Triton compilation, CUDA-graph captures, the allocator."""
+    short = dict(kw, max_new_tokens=min(8, kw["max_new_tokens"]), **({"block_size": 4} if kw["method"] == "mh" else {}))
+    sampler.generate(prompts[:2], n=1, seed=1, progress=False, max_batch=max_batch, **short)
 
 
 def run_once(sampler, prompts, kw, max_batch, seed):
@@ -129,9 +135,9 @@ def profile_run(sampler, prompts, args, max_batch):
     return dict(breakdown(prof, r["wall_s"], cuda), settings=kw, run=r)
 
 
-def write(report, out: Path, slug):
+def write(report, out: Path, name):
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"workload-{slug}.json").write_text(json.dumps(report, indent=1))
+    (out / f"workload-{name}.json").write_text(json.dumps(report, indent=1))
     m = report["meta"]
     lines = [f"# MATH500-shaped workload: {m['model']} on {m['device']}", "",
              f"- versions: {m['versions']}", f"- command: `{m['command']}`", f"- date: {m['date']}",
@@ -153,7 +159,7 @@ def write(report, out: Path, slug):
         lines += [f"| {k} | {s:.3f} |" for k, s in p["ranges_cpu_s"].items()]
         lines += ["", "| top op / kernel | s | calls | category |", "|---|---|---|---|"]
         lines += [f"| `{o['name']}` | {o['s']:.3f} | {o['calls']} | {o['category']} |" for o in p["top_ops"]]
-    (out / f"workload-{slug}.md").write_text("\n".join(lines) + "\n")
+    (out / f"workload-{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -189,24 +195,22 @@ def main(argv=None):
                 prompt_len=f"{min(map(len, prompts))}-{max(map(len, prompts))}", budget=args.budget,
                 alpha=args.alpha, total_prompts=args.total_prompts, cuda_graphs=args.cuda_graphs)
     report = {"meta": meta, "runs": []}
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(args.model).name}-{meta['device']}").strip("-")
+    name = slug(f"{Path(args.model).name}-{meta['device']}")
     if args.profile:  # first (after a warm-up): a time limit that cuts the long runs short leaves it
         mh_rows = args.max_batch or args.prompts
-        sampler.generate(prompts[:2], n=1, seed=1, progress=False, max_batch=mh_rows,
-                         **dict(method_kwargs("mh", args), max_new_tokens=min(8, args.budget), block_size=4))
+        warm_up(sampler, prompts, method_kwargs("mh", args), mh_rows)
         report["profile"] = profile_run(sampler, prompts, args, mh_rows)
-        write(report, Path(args.out), slug)
+        write(report, Path(args.out), name)
     for method in args.methods.split(","):
         kw = method_kwargs(method, args)
         rows = args.max_batch or (4 * args.particles if method == "smc" else args.prompts)
-        warm = dict(kw, max_new_tokens=min(8, args.budget), **({"block_size": 4} if method == "mh" else {}))
-        sampler.generate(prompts[:2], n=1, seed=1, progress=False, max_batch=rows, **warm)
+        warm_up(sampler, prompts, kw, rows)
         r = run_once(sampler, prompts, kw, rows, seed=0)
         r.update(method=method, settings=", ".join(f"{k} {v}" for k, v in kw.items() if k != "method"),
                  max_batch=rows, extrapolated_s=r["wall_s"] * args.total_prompts / args.prompts)
         report["runs"].append(r)
         print(f"{method}: {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
-        write(report, Path(args.out), slug)  # after every method: a run cut short keeps what it measured
+        write(report, Path(args.out), name)  # after every method: a run cut short keeps what it measured
     return report
 
 

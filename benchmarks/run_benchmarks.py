@@ -210,6 +210,11 @@ def versions():
     return v
 
 
+def slug(text: str) -> str:
+    """A file-name-safe form of a device or model name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
 def device_name(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -272,12 +277,12 @@ def bench_model(name, model, hf, tok, prompt_ids, args, rows):
 def write(rows, args, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     dev = rows[0]["device"] if rows else "unknown"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dev).strip("-")
+    name = slug(dev)
     meta = {"device": dev, "versions": versions(), "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average": {"start": list(args.load_start), "end": [round(x, 2) for x in os.getloadavg()]}}
-    (out / f"{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     cols = ["model", "dtype", "kind", "max_new_tokens", "block_size", "wall_s", "wall_s_range", "tok_per_s",
             "s_per_sample", "s_per_step", "step_vs_1_row", "speedup_wall", "speedup_tok_s", "roofline_frac",
             "acceptance", "tokens_prefilled"]
@@ -297,7 +302,7 @@ def write(rows, args, out: Path):
             v = r.get(c, "")
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
-    (out / f"{slug}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -14,15 +14,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import torch
-    import transformers as tf
+    from tiny_lm import make_random_model_dir
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256)
-    d = tmp_path_factory.mktemp("tiny_workload")
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_random_model_dir(tmp_path_factory.mktemp("tiny_workload"))
 
 
 def test_workload_report(tiny_dir, tmp_path):
