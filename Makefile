@@ -9,7 +9,7 @@ RUN_ARGS ?= --max-new-tokens 128 --block-size 64 --steps 2 --n 1 --seed 0
 EXTRA_ARGS ?=
 ARGS ?=
 
-.PHONY: run sample test bench-cpu bench-methods-cpu clean-venv
+.PHONY: run sample test test-fast bench-cpu bench-methods-cpu clean-venv
 
 # PROMPT reaches the program through the environment, unexpanded ($(value ...)), so quotes and $
 # in it arrive as typed; RUN_ARGS / EXTRA_ARGS / ARGS are flags, split by the shell as typed.
@@ -23,6 +23,10 @@ sample: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# the fast tier: every test but those marked slow (over ~2 s; tests/laws/ is all slow): under 2 minutes
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench-cpu: $(VENV)/.installed
 	$(PY) benchmarks/run_benchmarks.py --cpu-default --dtypes float32,bfloat16 --chains 1,8 --naive-chains 1,8 \

@@ -28,7 +28,7 @@ def setup():
 
     import powersample_fast as pf
     from powersample_fast.device import default_dtype
-    from powersample_fast.hub import default_model_dir
+    from powersample_fast.models.default_model import default_model_dir
 
     d = default_model_dir()
     dtype = default_dtype("cpu")  # both samplers in the CPU default dtype

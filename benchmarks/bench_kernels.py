@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 import csrc_triton  # noqa: E402
-from powersample_fast import reference as ref  # noqa: E402
+from powersample_fast.ops import reference as ref  # noqa: E402
 
 DEVICE = torch.device("cuda")
 PROVIDERS = {

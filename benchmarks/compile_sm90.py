@@ -2,7 +2,7 @@
 """Compile every csrc_triton kernel ahead of time for sm_90 (H100 / H200), without a GPU.
 
 What gets compiled is taken from the launchers themselves: each launcher (sample_logprobs,
-gather_logprobs, kv_copy_, mh_accept_) is called on *meta* tensors shaped like a real run (the
+gather_logprobs, topn_logprobs, kv_copy_, mh_accept_) is called on *meta* tensors shaped like a real run (the
 sampler's views and strides included), with every ``@triton.jit`` kernel it launches swapped for a
 recorder. ``csrc_triton.sample._is_cuda`` is patched to say "cuda" for meta tensors and
 ``_num_sms`` to return the GPU's SM count (132 on H100 SXM / H200), so the launchers pick the
@@ -183,7 +183,7 @@ def model_shapes():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run_benchmarks
 
-    from powersample_fast.model import ModelConfig
+    from powersample_fast.models.config import ModelConfig
 
     shapes = dict(EXTRA_SHAPES)
     for name, hf in run_benchmarks.SHAPES.items():
@@ -214,9 +214,23 @@ def run_scenarios(scenario, shapes):
                     scenario.clear()
                     scenario.update(launcher="sample_logprobs", R=R, V=V)
                     csrc_triton.sample_logprobs(logits, inp[1], 4.0, thr)
+                    scenario.update(launcher="sample_logprobs+entropy")  # index="entropy" rows
+                    csrc_triton.sample_logprobs(logits, inp[1], 4.0, thr, entropy=True)
                     scenario.update(launcher="gather_logprobs")
                     csrc_triton.gather_logprobs(logits, torch.empty(R, dtype=i64, device=meta),
                                                 4.0, thr)
+
+    # topn_logprobs: a decode step's logits (forward(...)[:, 0] of [B, 1, V]) or a scored prompt's
+    # prefill chunk ([C, V], contiguous), the asking rows and their tokens (int64), N <= 20.
+    for V in sorted({v for v, _, _, _ in shapes.values()}):
+        for dt in dtypes:
+            for n in (0, 1, 5, 20):
+                for logits in (torch.empty(64, 1, V, dtype=dt, device=meta)[:, 0],
+                               torch.empty(256, V, dtype=dt, device=meta)):
+                    rows = torch.empty(8, dtype=i64, device=meta)
+                    scenario.clear()
+                    scenario.update(launcher="topn_logprobs", V=V, n=n)
+                    csrc_triton.topn_logprobs(logits, rows, rows, n)
 
     # kv_copy_: KVCache.kv [L, 2, N, H, S, D] (contiguous), index vectors built by torch.tensor.
     for model, (_, L, H, D) in shapes.items():
@@ -242,6 +256,12 @@ def run_scenarios(scenario, shapes):
             scenario.update(launcher="mh_accept_", S=S, T=T)
             csrc_triton.mh_accept_(tok[0], lp[0], lq[0], ln, tok[1], lp[1], lq[1], ln,
                                    rows, rows, rows, torch.empty(n, dtype=f32, device=meta), 4.0)
+            # index="entropy": the index term given, the h buffers committed
+            h = torch.empty(2, S, T, dtype=f32, device=meta)
+            scenario.update(launcher="mh_accept_+entropy")
+            csrc_triton.mh_accept_(tok[0], lp[0], lq[0], ln, tok[1], lp[1], lq[1], ln,
+                                   rows, rows, rows, torch.empty(n, dtype=f32, device=meta), 4.0,
+                                   index_term=torch.empty(n, dtype=f32, device=meta), cur_h=h[0], prop_h=h[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,9 +448,10 @@ def row(v):
 
 def _coverage(v):
     """How much of its kernel a variant compiles: bf16 (the GPU default) first, then the most
-    boolean constexprs switched on (SAMPLE, HAS_TOPK, SPLIT, PRECISE_LOG), then the most used."""
+    boolean constexprs switched on (SAMPLE, HAS_TOPK, SPLIT, PRECISE_LOG), then the largest
+    unrolled count N (topn's top-N rounds), then the most used."""
     flags = sum(1 for x in v.constexprs.values() if x is True)
-    return (v.dtype() == "bf16", flags, len(v.scenarios))
+    return (v.dtype() == "bf16", flags, v.constexprs.get("N", 0), len(v.scenarios))
 
 
 def merge(paths):

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import powersample_fast as pf  # noqa: E402
 from powersample_fast.device import default_dtype, resolve_dtype, synchronize  # noqa: E402
-from powersample_fast.loader import _build  # noqa: E402
-from powersample_fast.model import ModelConfig  # noqa: E402
-from powersample_fast.sampler import PowerSampler  # noqa: E402
+from powersample_fast.models.loader import _build  # noqa: E402
+from powersample_fast.models.config import ModelConfig  # noqa: E402
+from powersample_fast.api import PowerSampler  # noqa: E402
 
 # Real shapes (values random: speed does not depend on them).
 SHAPES = {
@@ -62,7 +62,7 @@ SHAPES = {
 
 def random_model(name, device, dtype):
     cfg = ModelConfig.from_hf(SHAPES[name])
-    from powersample_fast.model import Transformer
+    from powersample_fast.models.transformer import Transformer
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
@@ -113,7 +113,7 @@ def plain_decode(model, n_tokens, batch, prompt_len=128, graphs=False):
     cache = pf.KVCache(model.config, batch, prompt_len + n_tokens + 8, device=model.device, dtype=model.dtype)
     dec = None
     if graphs:
-        from powersample_fast.graphs import DecodeGraphs
+        from powersample_fast.engine.cuda_graphs import DecodeGraphs
 
         dec = DecodeGraphs(model, cache, batch, batch_multiple=1)
     x = torch.randint(0, min(1000, model.config.vocab_size), (batch, prompt_len), device=model.device)
@@ -328,7 +328,7 @@ def main(argv=None):
     if args.cpu_default:
         from transformers import AutoModelForCausalLM
 
-        from powersample_fast.hub import default_model_dir
+        from powersample_fast.models.default_model import default_model_dir
 
         d = default_model_dir()
         dtypes = [resolve_dtype(x) for x in args.dtypes.split(",")] if args.dtypes else [default_dtype("cpu")]

@@ -1,6 +1,6 @@
 """In-place copy of KV-cache position ranges between rows, all layers / K / V in one launch.
 
-Spec: ``powersample_fast.reference.kv_copy_``. Grid: [n * L * 2 * H, cdiv(S, CHUNK_S)]; program
+Spec: ``powersample_fast.ops.reference.kv_copy_``. Grid: [n * L * 2 * H, cdiv(S, CHUNK_S)]; program
 (j, l, c, h, chunk) copies positions [start_j, start_j + length_j) intersected with its chunk of
 [0, S) from row src_j to row dst_j, in [BLOCK_S, BLOCK_D] tiles. The grid depends only on shapes
 (never on the lengths), so there is no host sync; programs whose chunk misses the range do nothing.
@@ -17,7 +17,7 @@ import triton.language as tl
 
 from powersample_fast.errors import ConfigError
 
-from .sample import check_device, check_tensor
+from .checks import check_device, check_tensor
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 

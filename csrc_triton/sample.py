@@ -1,11 +1,14 @@
 """Fused Gumbel-max sampling + log-prob gather over the vocabulary, in one pass.
 
-Spec: ``powersample_fast.reference.sample_logprobs`` / ``gather_logprobs``. For each row the kernel
+Spec: ``powersample_fast.ops.reference.sample_logprobs`` / ``gather_logprobs``. For each row the kernel
 streams the logits once, in tiles of ``BLOCK_V``, keeping
   - an online max / sum-of-exp in fp32 at temperature 1 (all tokens)      -> lp normaliser
   - an online max / sum-of-exp in fp32 of z*inv_tau over the kept tokens  -> lq normaliser
   - the running first argmax of z*inv_tau + gumbel(key, i) over the kept tokens (sampling only)
   - the first NaN index, so that a NaN logit is "sampled" exactly like ``torch.argmax`` does.
+  - with ``entropy=True``, an online sum of e_i*d_i (d = z - running max, e = exp(d)) beside the
+    temperature-1 sum of exp, rescaled with it, giving the entropy h = log s - sum(e d) / s of the
+    base conditional (one extra reduction in the same pass; lp/lq are the same bits either way).
 The Gumbel noise is the integer hash of ``reference.uniform`` in uint32 arithmetic (multiplication
 wraps mod 2**32, shifts are logical), so kernel and reference draw the same token bit for bit.
 
@@ -27,9 +30,7 @@ on CUDA keys are truncated to their low 32 bits and an out-of-range gather token
 from __future__ import annotations
 
 import functools
-import numbers
-import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -38,60 +39,13 @@ from triton.language.extra import libdevice
 
 from powersample_fast.errors import ConfigError
 
-# Decided when triton.jit decorates the kernels below (triton reads the variable then).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .checks import INTERPRET as _INTERPRET  # decided when triton.jit decorates the kernels below
+from .checks import check_device, check_positive_float, check_shape, check_tensor
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 G_MAX = tl.constexpr(17.0)  # > max Gumbel -log(-log(1 - 2**-24)) = 16.64
-_N_PART_F = 5  # m1, s1, m2, s2, best score
+_N_PART_F = 6  # m1, s1, m2, s2, best score, u1 (sum e*d at temperature 1, for the entropy)
 _N_PART_I = 2  # best index, first NaN index
-
-
-# ---------------------------------------------------------------------------------------------
-# validation helpers (shared by the launchers of this package)
-# ---------------------------------------------------------------------------------------------
-def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
-    return "/".join(str(d).replace("torch.", "") for d in dtypes)
-
-
-def check_tensor(name: str, t, *, ndim: int, dtypes: Optional[Sequence[torch.dtype]] = None,
-                 device: Optional[torch.device] = None, device_of: str = "") -> torch.Tensor:
-    """Raise ConfigError unless ``t`` is a tensor with ``ndim`` dims, a dtype in ``dtypes`` and on
-    ``device``. The message names the argument, its shape and dtype."""
-    if not isinstance(t, torch.Tensor):
-        raise ConfigError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ConfigError(
-            f"{name} must be {ndim}-D, got shape {tuple(t.shape)} (dtype {t.dtype})")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise ConfigError(
-            f"{name} must have dtype {_dtype_names(dtypes)}, got {t.dtype} (shape {tuple(t.shape)})")
-    if device is not None and t.device != device:
-        raise ConfigError(f"{name} is on {t.device} but {device_of} is on {device}: "
-                          "move all arguments to one device")
-    return t
-
-
-def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ConfigError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(t.shape)}")
-
-
-def check_device(device: torch.device, name: str) -> None:
-    """Kernels run on GPUs, or on CPU tensors only under the Triton interpreter."""
-    if device.type == "cpu" and not _INTERPRET:
-        raise ConfigError(
-            f"{name} is a CPU tensor: the Triton kernels run on CPU only with TRITON_INTERPRET=1 "
-            "set before csrc_triton is imported; use powersample_fast.ops (torch reference) instead")
-
-
-def check_positive_float(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise ConfigError(f"{name} must be a python float, got {type(x).__name__}")
-    x = float(x)
-    if not (x > 0.0 and x < float("inf")):
-        raise ConfigError(f"{name} must be finite and > 0, got {x}")
-    return x
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -149,9 +103,18 @@ def _gumbel(offs, key, PRECISE_LOG: tl.constexpr):
 
 
 @triton.jit
-def _finish_row(row, tok, m1, s1, m2, s2, row_ptr, thr, inv_tau, V, stride_v,
-                tok_ptr, lp_ptr, lq_ptr, HAS_TOPK: tl.constexpr, SAMPLE: tl.constexpr):
-    """lp = z_tok - lse(z), lq = zt_tok - lse(zt over kept); store (tok,) lp, lq of ``row``."""
+def _rescale_u(u, s, m_old, m_safe):
+    """sum e*d relative to max m_old -> relative to m_safe (>= m_old): e' = e*c, d' = d + (m_old - m_safe),
+    c = exp(m_old - m_safe); 0 while nothing was summed (s == 0, m_old may be -inf)."""
+    return tl.where(s > 0, tl.exp(m_old - m_safe) * (u + (m_old - m_safe) * s), 0.0)
+
+
+@triton.jit
+def _finish_row(row, tok, m1, s1, m2, s2, u1, row_ptr, thr, inv_tau, V, stride_v,
+                tok_ptr, lp_ptr, lq_ptr, h_ptr, HAS_TOPK: tl.constexpr, SAMPLE: tl.constexpr,
+                ENTROPY: tl.constexpr):
+    """lp = z_tok - lse(z), lq = zt_tok - lse(zt over kept); store (tok,) lp, lq (and the entropy
+    h = log s1 - u1 / s1) of ``row``."""
     ok = (tok >= 0) & (tok < V)
     z_tok = tl.load(row_ptr + tok * stride_v, mask=ok, other=float("nan")).to(tl.float32)
     zt_tok = z_tok * inv_tau
@@ -163,16 +126,18 @@ def _finish_row(row, tok, m1, s1, m2, s2, row_ptr, thr, inv_tau, V, stride_v,
         tl.store(tok_ptr + row, tok)
     tl.store(lp_ptr + row, lp)
     tl.store(lq_ptr + row, lq)
+    if ENTROPY:
+        tl.store(h_ptr + row, tl.log(s1) - u1 / s1)
 
 
 @triton.jit
 def _sample_kernel(
     logits_ptr, keys_ptr, thr_ptr, tok_in_ptr,      # inputs
-    tok_ptr, lp_ptr, lq_ptr,                         # outputs (n_split == 1)
-    part_f_ptr, part_i_ptr,                          # partials [R, n_split, 5] f32, [.., 2] i32
+    tok_ptr, lp_ptr, lq_ptr, h_ptr,                  # outputs (n_split == 1)
+    part_f_ptr, part_i_ptr,                          # partials [R, n_split, 6] f32, [.., 2] i32
     V, chunk, stride_r, stride_v, inv_tau,
     HAS_TOPK: tl.constexpr, SAMPLE: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISE_LOG: tl.constexpr, BLOCK_V: tl.constexpr,
+    PRECISE_LOG: tl.constexpr, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
@@ -187,6 +152,7 @@ def _sample_kernel(
 
     m1 = float("-inf")  # running max of z        (temperature 1, all tokens)
     s1 = 0.0            # running sum exp(z - m1)
+    u1 = 0.0            # running sum exp(z - m1) * (z - m1)   (entropy only)
     m2 = float("-inf")  # running max of zt = z*inv_tau over kept tokens
     s2 = 0.0
     best = float("-inf")  # running max of zt + g
@@ -200,6 +166,10 @@ def _sample_kernel(
         # temperature 1
         m1_new = tl.maximum(m1, tl.max(z, 0))
         m1_safe = tl.where(m1_new == float("-inf"), 0.0, m1_new)
+        if ENTROPY:
+            d = z - m1_safe
+            e = tl.exp(d)
+            u1 = _rescale_u(u1, s1, m1, m1_safe) + tl.sum(tl.where(e > 0, e * d, 0.0), 0)
         s1 = s1 * tl.exp(m1 - m1_safe) + tl.sum(tl.exp(z - m1_safe), 0)
         m1 = m1_new
         # proposal (temperature tau, kept set)
@@ -224,12 +194,13 @@ def _sample_kernel(
                 best = tl.where(better, t_best, best)
 
     if SPLIT:
-        pf = part_f_ptr + (row * tl.num_programs(1) + sp) * 5
+        pf = part_f_ptr + (row * tl.num_programs(1) + sp) * 6
         tl.store(pf + 0, m1)
         tl.store(pf + 1, s1)
         tl.store(pf + 2, m2)
         tl.store(pf + 3, s2)
         tl.store(pf + 4, best)
+        tl.store(pf + 5, u1)
         pi = part_i_ptr + (row * tl.num_programs(1) + sp) * 2
         tl.store(pi + 0, best_i)
         tl.store(pi + 1, nan_i)
@@ -238,20 +209,20 @@ def _sample_kernel(
             tok = tl.where(nan_i < V, nan_i, best_i).to(tl.int64)
         else:
             tok = tl.load(tok_in_ptr + row).to(tl.int64)
-        _finish_row(row, tok, m1, s1, m2, s2, row_ptr, thr, inv_tau, V, stride_v,
-                    tok_ptr, lp_ptr, lq_ptr, HAS_TOPK, SAMPLE)
+        _finish_row(row, tok, m1, s1, m2, s2, u1, row_ptr, thr, inv_tau, V, stride_v,
+                    tok_ptr, lp_ptr, lq_ptr, h_ptr, HAS_TOPK, SAMPLE, ENTROPY)
 
 
 @triton.jit
 def _sample_combine_kernel(
-    logits_ptr, thr_ptr, tok_in_ptr, tok_ptr, lp_ptr, lq_ptr, part_f_ptr, part_i_ptr,
+    logits_ptr, thr_ptr, tok_in_ptr, tok_ptr, lp_ptr, lq_ptr, h_ptr, part_f_ptr, part_i_ptr,
     V, n_split, stride_r, stride_v, inv_tau,
-    HAS_TOPK: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_TOPK: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_S: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     sm = s < n_split
-    pf = part_f_ptr + (row * n_split + s) * 5
+    pf = part_f_ptr + (row * n_split + s) * 6
     m1 = tl.load(pf + 0, mask=sm, other=float("-inf"))
     s1 = tl.load(pf + 1, mask=sm, other=0.0)
     m2 = tl.load(pf + 2, mask=sm, other=float("-inf"))
@@ -259,6 +230,10 @@ def _sample_combine_kernel(
     M1 = tl.max(m1, 0)
     M1_safe = tl.where(M1 == float("-inf"), 0.0, M1)
     S1 = tl.sum(s1 * tl.exp(m1 - M1_safe), 0)
+    U1 = 0.0
+    if ENTROPY:
+        u1 = tl.load(pf + 5, mask=sm, other=0.0)
+        U1 = tl.sum(_rescale_u(u1, s1, m1, M1_safe), 0)
     M2 = tl.max(m2, 0)
     M2_safe = tl.where(M2 == float("-inf"), 0.0, M2)
     S2 = tl.sum(s2 * tl.exp(m2 - M2_safe), 0)
@@ -275,18 +250,20 @@ def _sample_combine_kernel(
         tok = tl.where(nan_i < V, nan_i, idx).to(tl.int64)
     else:
         tok = tl.load(tok_in_ptr + row).to(tl.int64)
-    _finish_row(row, tok, M1, S1, M2, S2, logits_ptr + row * stride_r, thr, inv_tau, V,
-                stride_v, tok_ptr, lp_ptr, lq_ptr, HAS_TOPK, SAMPLE)
+    _finish_row(row, tok, M1, S1, M2, S2, U1, logits_ptr + row * stride_r, thr, inv_tau, V,
+                stride_v, tok_ptr, lp_ptr, lq_ptr, h_ptr, HAS_TOPK, SAMPLE, ENTROPY)
 
 
-def _launch(logits, keys, tokens, inv_tau, threshold, sample: bool, num_splits: Optional[int]):
+def _launch(logits, keys, tokens, inv_tau, threshold, sample: bool, num_splits: Optional[int],
+            entropy: bool = False):
     R, V = logits.shape
     dev = logits.device
     lp = torch.empty(R, dtype=torch.float32, device=dev)
     lq = torch.empty(R, dtype=torch.float32, device=dev)
     tok = torch.empty(R, dtype=torch.int64, device=dev) if sample else lp
+    h = torch.empty(R, dtype=torch.float32, device=dev) if entropy else lp
     if R == 0:
-        return tok, lp, lq
+        return tok, lp, lq, h
     block_v = _block_v(V)
     if num_splits is not None and num_splits > 1:  # forced: tiles small enough for the splits
         per_split = triton.cdiv(V, int(num_splits))
@@ -306,25 +283,25 @@ def _launch(logits, keys, tokens, inv_tau, threshold, sample: bool, num_splits: 
     else:
         part_f, part_i = dummy, dummy
     _sample_kernel[(R, n_split)](
-        logits, keys_arg, thr, tok_in, tok, lp, lq, part_f, part_i,
+        logits, keys_arg, thr, tok_in, tok, lp, lq, h, part_f, part_i,
         V, chunk, logits.stride(0), logits.stride(1), inv_tau,
         HAS_TOPK=has_topk, SAMPLE=sample, SPLIT=n_split > 1,
-        PRECISE_LOG=_is_cuda(dev) and not _INTERPRET, BLOCK_V=block_v,
+        PRECISE_LOG=_is_cuda(dev) and not _INTERPRET, BLOCK_V=block_v, ENTROPY=entropy,
         num_warps=8,
         # no FMA contraction: score = fl(fl(z*inv_tau) + g) exactly as the reference rounds it
         enable_fp_fusion=False,
     )
     if n_split > 1:
         _sample_combine_kernel[(R,)](
-            logits, thr, tok_in, tok, lp, lq, part_f, part_i,
+            logits, thr, tok_in, tok, lp, lq, h, part_f, part_i,
             V, n_split, logits.stride(0), logits.stride(1), inv_tau,
             HAS_TOPK=has_topk, SAMPLE=sample,
-            BLOCK_S=max(16, triton.next_power_of_2(n_split)), num_warps=1,
+            BLOCK_S=max(16, triton.next_power_of_2(n_split)), num_warps=1, ENTROPY=entropy,
             # _finish_row rounds as in the one-program path (no FMA), whatever Triton's default
             # (fusion on up to Triton 3.9, announced off from 3.10)
             enable_fp_fusion=False,
         )
-    return tok, lp, lq
+    return tok, lp, lq, h
 
 
 def _check_common(logits, inv_tau, threshold):
@@ -344,21 +321,25 @@ def _check_common(logits, inv_tau, threshold):
 
 
 def sample_logprobs(logits: torch.Tensor, keys: torch.Tensor, inv_tau: float,
-                    threshold: Optional[torch.Tensor] = None, *, num_splits: Optional[int] = None):
+                    threshold: Optional[torch.Tensor] = None, *, num_splits: Optional[int] = None,
+                    entropy: bool = False):
     """Fused sample + log-prob gather; see ``reference.sample_logprobs``.
 
     logits: [R, V] fp32/bf16/fp16 (any strides); keys: [R] int64 holding uint32 values;
     inv_tau > 0; threshold: optional [R] fp32 top-k threshold (tokens with z < threshold are
     excluded from sampling and from the lq normaliser, not from lp's).
-    Returns (token [R] int64, lp [R] fp32, lq [R] fp32). ``num_splits`` forces the number of
-    programs per row (default: chosen from the GPU size; 1 on CPU)."""
+    Returns (token [R] int64, lp [R] fp32, lq [R] fp32), and with ``entropy=True`` also the entropy
+    h [R] fp32 of softmax(logits) (temperature 1, full vocabulary). ``num_splits`` forces the number
+    of programs per row (default: chosen from the GPU size; 1 on CPU)."""
     inv_tau, threshold = _check_common(logits, inv_tau, threshold)
     check_tensor("keys", keys, ndim=1, dtypes=(torch.int64,), device=logits.device,
                  device_of="logits")
     check_shape("keys", keys, (logits.shape[0],), "one per row of logits")
     if keys.device.type == "cpu" and keys.numel() and (keys.min() < 0 or keys.max() >= 2**32):
         raise ConfigError("keys must hold uint32 values in [0, 2**32) (see reference.row_key)")
-    return _launch(logits, keys.contiguous(), None, inv_tau, threshold, True, num_splits)
+    tok, lp, lq, h = _launch(logits, keys.contiguous(), None, inv_tau, threshold, True, num_splits,
+                             bool(entropy))
+    return (tok, lp, lq, h) if entropy else (tok, lp, lq)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, inv_tau: float,
@@ -372,5 +353,5 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, inv_tau: float,
     V = logits.shape[1]
     if tokens.device.type == "cpu" and tokens.numel() and (tokens.min() < 0 or tokens.max() >= V):
         raise ConfigError(f"tokens must lie in [0, {V}) (the vocabulary of logits)")
-    _, lp, lq = _launch(logits, None, tokens.contiguous(), inv_tau, threshold, False, num_splits)
+    _, lp, lq, _ = _launch(logits, None, tokens.contiguous(), inv_tau, threshold, False, num_splits)
     return lp, lq

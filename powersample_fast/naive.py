@@ -24,10 +24,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .device import default_device, default_dtype, resolve_dtype
 from .errors import ConfigError, ModelLoadError, NonFiniteLogitsError
-from .params import SamplingParams, chain_seed, merge_eos_ids, normalize_prompts, resolve_seed
-from .reference import topk_threshold
-from .types import SampleResult
+from .models.tokenizer import merge_eos_ids
+from .ops.reference import topk_threshold
+from .outputs import SampleResult
+from .prompts import normalize_prompts
+from .sampling_params import SamplingParams, chain_seed, resolve_seed
 
 
 def _mask_top_k(z: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
@@ -47,7 +50,7 @@ class NaiveSampler:
 
     def __init__(self, model, tokenizer=None, eos_token_ids=None, device=None, dtype=None):
         if isinstance(model, (str, pathlib.Path)):
-            model, tokenizer = self._load(pathlib.Path(model), tokenizer, device, dtype)
+            model, tokenizer = _load_hf(pathlib.Path(model), tokenizer, device, dtype)
         self.model = model.eval()
         self.tokenizer = tokenizer
         if eos_token_ids is None:
@@ -64,24 +67,6 @@ class NaiveSampler:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
         self.device = next(model.parameters()).device
-
-    @staticmethod
-    def _load(path: pathlib.Path, tokenizer, device, dtype):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .device import default_device, default_dtype, resolve_dtype
-
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is not an HF model directory (no config.json)")
-        device = torch.device(device) if device is not None else default_device()
-        dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise ModelLoadError(f"cannot load an HF causal LM from {path}: {e}") from e
-        if tokenizer is None and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return model, tokenizer
 
     # ------------------------------------------------------------------------------------------
     def generate(
@@ -106,6 +91,8 @@ class NaiveSampler:
             proposal_temperature=proposal_temperature, top_k=top_k, index=index, n=n, seed=seed,
             early_stop=early_stop,
         )
+        if params.index == "entropy":  # the baseline is Algorithm 1 as written (uniform / last_block cuts)
+            raise ConfigError("the naive baseline has index='uniform' and 'last_block' only (entropy: PowerSampler)")
         prompt_ids = normalize_prompts(prompts, self.tokenizer, chat=chat)
         for i, p in enumerate(prompt_ids):
             bad = [t for t in p if not 0 <= t < self.vocab_size]
@@ -186,11 +173,11 @@ class NaiveSampler:
         ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
         with _clean_generation_defaults(self.model), torch.no_grad():
             out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), generation_config=self._generation_config(budget, tau, top_k)
+                ids, attention_mask=torch.ones_like(ids), generation_config=_generation_config(budget, tau, top_k, self.eos_token_ids, self.pad_token_id)
             )
         new = out.sequences[0, len(prefix):].tolist()
         z = torch.cat(out.logits, dim=0).float()  # z: [n_new, V] raw logits (before any processor)
-        self._check(new, z, budget)
+        _check_generate(new, z, budget, self.eos_token_ids)
         tokens = torch.tensor(new, device=z.device)[:, None]
         lp = torch.log_softmax(z, dim=-1).gather(1, tokens)[:, 0]
         lq = torch.log_softmax(_mask_top_k(z, top_k) / tau, dim=-1).gather(1, tokens)[:, 0]
@@ -199,33 +186,6 @@ class NaiveSampler:
         stats["tokens_decoded"] += len(new)
         stats["tokens_sampled"] += len(new)
         return new, lp.tolist(), lq.tolist()
-
-    def _generation_config(self, budget: int, tau: float, top_k: Optional[int]):
-        from transformers import GenerationConfig
-
-        # Every field that can change the sampled law is set to its neutral value; fields whose
-        # only neutral value is None (min_p, bad_words_ids, suppress_tokens, ...) are protected by
-        # _clean_generation_defaults, since generate fills unset (None) fields from the model's
-        # own generation_config.
-        return GenerationConfig(
-            do_sample=True, num_beams=1, num_return_sequences=1,
-            temperature=float(tau), top_k=int(top_k) if top_k else 0, top_p=1.0, typical_p=1.0,
-            epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-            no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_new_tokens=0,
-            renormalize_logits=False, remove_invalid_values=False,
-            max_new_tokens=budget, eos_token_id=list(self.eos_token_ids) or None,
-            pad_token_id=self.pad_token_id, use_cache=True,
-            output_logits=True, output_scores=False, return_dict_in_generate=True,
-        )
-
-    def _check(self, new: List[int], z: torch.Tensor, budget: int) -> None:
-        eos = self.eos_token_ids
-        if len(new) != z.shape[0] or not 1 <= len(new) <= budget:
-            raise RuntimeError(f"generate returned {len(new)} tokens and {z.shape[0]} logits for a budget of {budget}")
-        if any(t in eos for t in new[:-1]) or (len(new) < budget and new[-1] not in eos):
-            raise RuntimeError(f"generate did not stop exactly at the first EOS {eos}: {new}")
-        if not torch.isfinite(z).all():
-            raise NonFiniteLogitsError("the model produced NaN/Inf logits; check the checkpoint and dtype")
 
 
 @contextlib.contextmanager
@@ -245,3 +205,50 @@ def _clean_generation_defaults(model):
 def naive_generate(model, prompts, *, tokenizer=None, eos_token_ids=None, **kwargs) -> List[SampleResult]:
     """One-shot convenience: ``NaiveSampler(model, tokenizer, eos_token_ids).generate(prompts, **kwargs)``."""
     return NaiveSampler(model, tokenizer=tokenizer, eos_token_ids=eos_token_ids).generate(prompts, **kwargs)
+
+
+def _load_hf(path: pathlib.Path, tokenizer, device, dtype):
+    """An HF causal LM (and its tokenizer, if the directory has one) from an HF-format directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not an HF model directory (no config.json)")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+        raise ModelLoadError(f"cannot load an HF causal LM from {path}: {e}") from e
+    if tokenizer is None and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def _generation_config(budget: int, tau: float, top_k: Optional[int], eos_ids: List[int], pad_id: int):
+    """The GenerationConfig of one proposal: sampling at `tau` (top_k), every other processor neutral."""
+    from transformers import GenerationConfig
+
+    # Every field that can change the sampled law is set to its neutral value; fields whose
+    # only neutral value is None (min_p, bad_words_ids, suppress_tokens, ...) are protected by
+    # _clean_generation_defaults, since generate fills unset (None) fields from the model's
+    # own generation_config.
+    return GenerationConfig(
+        do_sample=True, num_beams=1, num_return_sequences=1,
+        temperature=float(tau), top_k=int(top_k) if top_k else 0, top_p=1.0, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_new_tokens=0,
+        renormalize_logits=False, remove_invalid_values=False,
+        max_new_tokens=budget, eos_token_id=list(eos_ids) or None,
+        pad_token_id=pad_id, use_cache=True,
+        output_logits=True, output_scores=False, return_dict_in_generate=True,
+    )
+
+
+def _check_generate(new: List[int], z: torch.Tensor, budget: int, eos: List[int]) -> None:
+    """`generate` returned one logit row per token, stopped at the first EOS or the budget, finitely."""
+    if len(new) != z.shape[0] or not 1 <= len(new) <= budget:
+        raise RuntimeError(f"generate returned {len(new)} tokens and {z.shape[0]} logits for a budget of {budget}")
+    if any(t in eos for t in new[:-1]) or (len(new) < budget and new[-1] not in eos):
+        raise RuntimeError(f"generate did not stop exactly at the first EOS {eos}: {new}")
+    if not torch.isfinite(z).all():
+        raise NonFiniteLogitsError("the model produced NaN/Inf logits; check the checkpoint and dtype")

@@ -1,3 +1,5 @@
+"""Shared fixtures: thin wrappers over tests/helpers (tiny_models builds every tiny model, laws.py
+computes the toys' exact laws), and TRITON_INTERPRET=1 on machines without CUDA."""
 import os
 
 # Run the real Triton kernel code on CPU tensors when there is no GPU (must be set before
@@ -17,10 +19,18 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    """The default enumerable toy model of tests/toy.py (vocab 4, EOS 3), saved once per module."""
-    from toy import make_toy_model_dir
+    """The default enumerable toy model (vocab 4, EOS 3), saved once per module."""
+    from helpers.tiny_models import make_toy_model_dir
 
     return make_toy_model_dir(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture(scope="module")
+def markov_dir(tmp_path_factory):
+    """The Markov EOS toy (helpers.tiny_models.MARKOV_EOS_TABLE; EOS 3), saved once per module."""
+    from helpers.tiny_models import MARKOV_EOS_TABLE, make_markov_model_dir
+
+    return make_markov_model_dir(tmp_path_factory.mktemp("markov"), MARKOV_EOS_TABLE, 3)
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +47,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(our model, the HF model): a tiny random Llama, vocab 61, EOS id 7, weights N(0, 0.3)
-    (real Llama-3.2-1B: dim 2048, 16 layers)."""
+    """(our model, the HF model): the tiny random Llama of helpers.tiny_models.make_tiny_llama_dir
+    (vocab 61, EOS id 7), loaded in float32."""
     import torch
-    import transformers as tf
 
     import powersample_fast as pf
+    from helpers.tiny_models import make_tiny_llama_dir
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256, eos_token_id=7)
-    m = tf.LlamaForCausalLM(cfg).eval()
-    for p in m.parameters():
-        p.data.normal_(0, 0.3)
-    d = tmp_path_factory.mktemp("tiny")
-    m.save_pretrained(d)
+    d, m = make_tiny_llama_dir(tmp_path_factory.mktemp("tiny"))
     model, _ = pf.load(d, device="cpu", dtype=torch.float32)
     return model, m

@@ -1,9 +1,10 @@
 """The engine: add_request / step / abort over one running decode batch (vLLM's shape).
 
-`step()` is admit -> decode -> policy decisions -> compact: the scheduler admits queued groups into
-free rows, the model runner decodes every active row one position and samples, each sampled token
-is appended to its seq, and the policies take their decisions on the seqs that ended. Requests
-added between steps join the running batch; requests of different methods share it.
+`step()` is schedule -> prefill -> start -> decode -> postprocess -> compact: the scheduler plans
+which queued groups enter free rows, the model runner runs their prefills, their policies start
+them, the runner decodes every active row one position and samples, each sampled token is appended
+to its seq and the policies take their decisions on the seqs that ended. Requests added between
+steps join the running batch; requests of different methods share it.
 """
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ import math
 import time
 from typing import Dict, List, Optional
 
+from ..device import resolve_max_batch
 from ..errors import ConfigError, NonFiniteLogitsError
-from ..kv_cache import KVManager
-from ..params import SamplingParams, chain_seed, normalize_prompts, resolve_seed
-from ..policies import get_policy
-from ..types import SampleResult
-from .outputs import RequestOutput, build_result, check_request
+from ..models.tokenizer import eos_set
+from ..outputs import RequestOutput, SampleResult
+from ..prompts import normalize_prompts
+from ..sampling_params import SamplingParams, chain_seed, resolve_seed
+from .context import EngineContext
+from . import stop_strings
+from .kv_manager import KVManager, fit_rows
+from .outputs import step_outputs, stream_token
+from .policies import get_policy
 from .runner import ModelRunner
-from .scheduler import Scheduler, fit_rows
-from .sequence import PHASES, Group, Phase, Request, Seq
+from .scheduler import Scheduler, check_request
+from .sequence import PHASES, Group, Request, Seq
 
 
 class Engine:
@@ -35,24 +41,25 @@ class Engine:
                  compact: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
-        ids = eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids
-        self.eos = frozenset(int(e) for e in ids)
+        self.eos = eos_set(model.config.eos_token_ids, eos_token_ids)
         self.max_len = int(max_len or model.config.max_seq_len)
-        mb = max_batch if max_batch is not None else (64 if self.device.type == "cuda" else 8)
-        if not isinstance(mb, int) or isinstance(mb, bool) or mb < 1:
-            raise ConfigError(f"max_batch must be an integer >= 1 (got {mb!r})")
+        mb = resolve_max_batch(max_batch, self.device)
         per = 1 if store_rows is None else store_rows / mb
         n_dec = fit_rows(model, mb, self.max_len, per)
         n_sto = n_dec if store_rows is None else min(store_rows, n_dec)
         self.kv = KVManager(model.config, n_dec, n_sto, self.max_len, self.max_len, self.device, model.dtype)
         self.runner = ModelRunner(model, self.kv, cuda_graphs)
-        self.scheduler = Scheduler(self)
+        self.scheduler = Scheduler(self.kv)
         self.compact = compact
         self.requests: Dict[str, Request] = {}
         self._done: List[RequestOutput] = []
         self._ids = itertools.count()
         self.times = dict.fromkeys(PHASES, 0.0)
-        self.stats = {"decode_steps": 0, "max_batch_rows": 0, "tokens_sampled": 0}
+        # row_steps: rows computed, summed over decode steps; row_steps_skipped: rows in use (held) above
+        # a step's highest decoding row, which the step did not compute
+        self.stats = {"decode_steps": 0, "max_batch_rows": 0, "tokens_sampled": 0, "row_steps": 0,
+                      "row_steps_skipped": 0}
+        self.ctx = EngineContext(self.kv, self.runner, tokenizer, self.eos, self.times, self._finish_group)
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt, params: SamplingParams, request_id: Optional[str] = None, stream: bool = False,
@@ -80,7 +87,7 @@ class Engine:
 
     def check_prompt(self, ids: List[int], p: SamplingParams, index: int = 0):
         """ConfigError if prompt `index` (token ids) cannot run with `p` on this engine."""
-        check_request(self.model.config, self.max_len, self.kv, ids, p, index)
+        check_request(self.model.config, self.max_len, self.kv, ids, p, index, self.tokenizer)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its rows at once. False if unknown or already finished."""
@@ -107,74 +114,70 @@ class Engine:
     def step(self) -> List[RequestOutput]:
         """Admit, decode one position for every active row, let the policies decide. Returns the
         requests that finished (and stream updates)."""
-        self.scheduler.admit()
-        seqs = [s for s in self.scheduler.row_seq.values() if s.phase is Phase.DECODING]
+        plan = self.scheduler.schedule()
+        for p in plan.prefills:
+            t = time.perf_counter()
+            if p.score is None:
+                self.runner.prefill(p.row, p.tokens, p.kv_mark)
+            else:  # params.prompt_logprobs: every position's logits kept
+                p.group.request.prompt_scores = self.runner.prefill_scored(p.row, p.group.prompt, p.score, p.kv_mark)
+            self.ctx.charge("prefill_s", t, [p.group])
+        for g in plan.admitted:
+            get_policy(g.params.method).start(self.ctx, g)
+        seqs = self.scheduler.decoding()
         stream: Dict[str, RequestOutput] = {}
         if seqs:
-            seqs.sort(key=lambda s: s.row)
-            out = self.runner.decode(seqs, self.charge)
+            out = self.runner.decode(seqs, self.ctx.charge)
             self.stats["decode_steps"] += 1
             self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(seqs))
             self.stats["tokens_sampled"] += len(seqs)
+            self.stats["row_steps"] += self.runner.last_rows
+            self.stats["row_steps_skipped"] += max(0, self.kv.n_active_rows() - self.runner.last_rows)
             self._postprocess(seqs, out, stream)
             if not self.scheduler.waiting and self.compact:
                 self.scheduler.compact()
         done, self._done = self._done, []
-        for o in done:  # a request that finished this step carries its last streamed tokens too
-            if o.request_id in stream:
-                o.new_tokens = stream.pop(o.request_id).new_tokens
-        return done + [o for o in stream.values() if o.request_id in self.requests]
+        return step_outputs(done, stream, self.requests)
 
     # ------------------------------------------------------------------ internals
     def _postprocess(self, seqs, out, stream):
         by_pol: Dict[str, tuple] = {}
-        for s, (tok, lp, lq) in zip(seqs, out):
+        for s, (tok, lp, lq, h) in zip(seqs, out):
             g = s.group
             if g.done:
                 continue
             if not (math.isfinite(lp) and math.isfinite(lq)):
                 self._fail(g, NonFiniteLogitsError(
                     f"non-finite logits (NaN/Inf) while sampling chain (prompt {g.request.prompt_index}, sample {g.index}) "
-                    f"at generated position {len(s.tokens)}; check the model weights and dtype (float16 overflow?)"))
+                    f"at generated position {len(s.tokens)}; check the model weights and dtype"))
                 continue
-            ended = s.append(tok, lp, lq, self.eos)
+            ended = s.append(tok, lp, lq, self.eos, h)
+            # a stop string ends the segment as EOS does (ALGORITHM.md "Stop strings"), also at its limit
+            stopped = bool(g.params.stop) and tok not in self.eos and stop_strings.check(self.tokenizer, s)
             stepped, ends = by_pol.setdefault(g.params.method, ([], []))
             stepped.append(s)
-            if ended:
+            if ended or stopped:
                 ends.append(s)
             if g.request.stream and g.params.method == "plain":  # samplers stream nothing until final
-                o = stream.setdefault(g.request.request_id, RequestOutput(g.request.request_id, False))
-                o.new_tokens.setdefault(g.index, []).append(tok)
+                stream_token(stream, s, tok, self.runner.logprobs)
         for method, (stepped, ends) in by_pol.items():
             pol = get_policy(method)
-            if hasattr(pol, "on_step"):
-                pol.on_step(self, [s for s in stepped if not s.group.done])
+            pol.on_step(self.ctx, [s for s in stepped if not s.group.done])
             ends = [s for s in ends if not s.group.done]
             if ends:
-                pol.on_ended(self, ends)
+                pol.on_ended(self.ctx, ends)
 
-    def charge(self, phase: str, t_start: float, groups):
-        """Add the time since t_start to `phase`, and an equal share of it to each group served."""
-        dt = time.perf_counter() - t_start
-        self.times[phase] += dt
-        for g in groups:
-            g.phase_s[phase] += dt / len(groups)
-
-    def make_result(self, g: Group, tokens: List[int], row: int, buf: int = 0, **kw) -> SampleResult:
-        """A SampleResult of `tokens`, whose log-probs are in the token buffers (buf, row, :len)."""
-        return build_result(self, g, tokens, row, buf, **kw)
-
-    def finish_group(self, g: Group, result: SampleResult):
+    def _finish_group(self, g: Group, result: SampleResult):
         """A policy's group is done: record its result and free its rows."""
         g.done = True
         self.scheduler.release(g)
         req = g.request
         req.results[g.index] = result
         if req.finished and self.requests.pop(req.request_id, None) is not None:
-            self._done.append(RequestOutput(req.request_id, True, list(req.results), error=req.error))
+            self._done.append(RequestOutput(req.request_id, True, list(req.results), error=req.error,
+                                            prompt_logprobs=req.prompt_scores))
 
     def _fail(self, g: Group, err: Exception):
-        s = g.seqs[0]
-        res = self.make_result(g, s.tokens, s.row, s.buf, extra={"error": str(err)})
         g.request.error = g.request.error or err
-        self.finish_group(g, res)
+        s = g.seqs[0]
+        self.ctx.finish(g, s.tokens, s.row, s.buf, extra={"error": str(err)})

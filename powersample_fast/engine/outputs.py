@@ -1,58 +1,54 @@
-"""What the engine returns: `RequestOutput` per request and step, `SampleResult` per sample; and
-the checks a request passes before it is queued."""
+"""What the engine hands back: a finished group's `SampleResult`, built from its tokens, the
+log-probs in the KV manager's token buffers (and the returned log-probs a request asked for), and
+the group's accounting (tokens sampled / prefilled, positions, time per phase); and the streamed
+tokens of a step (`stream_token`, `step_outputs`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ..errors import ConfigError
-from ..params import SamplingParams
-from ..policies import get_policy
-from ..types import SampleResult
-from .sequence import Group
+from ..outputs import RequestOutput, SampleResult
+from .kv_manager import KVManager
+from .logprob_rows import LogprobRows, Logprobs
+from .sequence import Group, Seq
 
 
-@dataclass
-class RequestOutput:
-    request_id: str
-    finished: bool
-    results: List[SampleResult] = field(default_factory=list)  # when finished: n, in sample order
-    new_tokens: Dict[int, List[int]] = field(default_factory=dict)  # stream=True, plain: this step's tokens
-    error: Optional[Exception] = None
-
-
-def build_result(eng, g: Group, tokens: List[int], row: int, buf: int = 0, accepted: int = 0, proposed: int = 0,
-                 extra: Optional[dict] = None) -> SampleResult:
-    """A SampleResult of `tokens`, whose log-probs are in the token buffers (buf, row, :len)."""
+def build_result(kv: KVManager, tokenizer, eos, g: Group, tokens: List[int], row: int, buf: int = 0,
+                 accepted: int = 0, proposed: int = 0, extra: Optional[dict] = None, stopped: bool = False,
+                 logprobs: Optional[Logprobs] = None) -> SampleResult:
+    """A SampleResult of `tokens`, whose log-probs are in the token buffers (buf, row, :len);
+    `logprobs`: the (own, top-N) log-probs params.logprobs asked for."""
     t = len(tokens)
-    lp = eng.kv.lp[buf, row, :t].tolist() if row >= 0 else []
-    lq = eng.kv.lq[buf, row, :t].tolist() if row >= 0 else []
-    tok = eng.tokenizer
+    lp = kv.lp[buf, row, :t].tolist() if row >= 0 else []
+    lq = kv.lq[buf, row, :t].tolist() if row >= 0 else []
+    own, top = logprobs if logprobs is not None else (None, None)
     return SampleResult(
         prompt_index=g.request.prompt_index, sample_index=g.index,
-        text=tok.decode(tokens, skip_special_tokens=True) if tok is not None else "",
+        text=tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else "",
         token_ids=list(tokens), logp=lp, logq=lq, accepted=accepted, proposed=proposed,
-        finished_by_eos=bool(tokens) and tokens[-1] in eng.eos,
+        finished_by_eos=bool(tokens) and tokens[-1] in eos,
         stats={"tokens_sampled": g.sampled, "tokens_decoded": g.sampled, "tokens_prefilled": g.prefilled,
                "positions_computed": g.positions, "prompt_tokens": len(g.prompt),
                "wall_s": time.perf_counter() - g.t0, **g.phase_s},
-        method=g.params.method, extra=dict(extra or {}),
+        method=g.params.method, extra=dict(extra or {}), token_logprobs=own, top_logprobs=top,
+        finished_by_stop=stopped, prompt_logprobs=g.request.prompt_scores,
     )
 
 
-def check_request(cfg, max_len: int, kv, ids: List[int], p: SamplingParams, index: int = 0):
-    """ConfigError naming the problem if prompt `index` (token ids) cannot run with `p`."""
-    V, ctx = cfg.vocab_size, cfg.max_seq_len
-    bad = [x for x in ids if not 0 <= x < V]
-    if bad:
-        raise ConfigError(f"prompt {index} has token id(s) outside the vocabulary [0, {V}): {bad[:5]}")
-    for limit, what in ((ctx, "the model's context"), (max_len, "the engine's max_len")):
-        if len(ids) + p.max_new_tokens > limit:
-            raise ConfigError(
-                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds "
-                f"{what} of {limit} tokens; shorten the prompt or lower max_new_tokens")
-    n_dec, n_sto = get_policy(p.method).rows(p)
-    if n_dec > kv.n_decode or n_sto > kv.n_store:
-        raise ConfigError(f"method {p.method!r} needs {n_dec} decode and {n_sto} store rows per sample but the "
-                          f"engine has {kv.n_decode} and {kv.n_store}; raise max_batch")
+def stream_token(stream: Dict[str, RequestOutput], s: Seq, tok: int, logprobs: LogprobRows):
+    """A streamed (plain) request's token of this step, and its log-probs entry if params.logprobs."""
+    g, req = s.group, s.group.request
+    o = stream.setdefault(req.request_id, RequestOutput(req.request_id, False, prompt_logprobs=req.prompt_scores))
+    o.new_tokens.setdefault(g.index, []).append(tok)
+    if g.params.logprobs is not None:
+        o.new_logprobs.setdefault(g.index, []).append(logprobs.step_entry(s))
+
+
+def step_outputs(done: List[RequestOutput], stream: Dict[str, RequestOutput], running) -> List[RequestOutput]:
+    """What `Engine.step` returns: the requests that finished (carrying their last streamed tokens
+    too), then the stream updates of the requests still `running`."""
+    for o in done:
+        if o.request_id in stream:
+            last = stream.pop(o.request_id)
+            o.new_tokens, o.new_logprobs = last.new_tokens, last.new_logprobs
+    return done + [o for o in stream.values() if o.request_id in running]

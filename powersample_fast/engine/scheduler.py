@@ -1,88 +1,101 @@
-"""The scheduler: admission of queued groups into free rows (prompt K/V by reuse, fork or prefill),
-refill as rows free up, compaction of the decode batch, and fitting the batch to free memory."""
+"""The scheduler: admission of queued groups into free rows, refill as rows free up, compaction of the
+decode batch, and the checks a request passes before it is queued. It plans; it runs nothing: each
+step's plan (`SchedulerOutput`: the groups admitted, the prefills they need) is executed by the
+engine through the model runner and the policies."""
 from __future__ import annotations
 
 import time
-import warnings
 from collections import deque
-from typing import Dict
+from dataclasses import dataclass, field
+from typing import List, Optional
 
-from ..device import free_memory_bytes
 from ..errors import ConfigError
-from ..policies import get_policy
-from .sequence import Phase, Seq
+from ..sampling_params import SamplingParams
+from .kv_manager import KVManager
+from .policies import get_policy
+from .sequence import Group, Phase, Seq
 
 
-def fit_rows(model, want: int, max_len: int, store_per_decode: int) -> int:
-    """Decode rows that fit: the KV cache (1 + store_per_decode rows per decode row) and the token
-    buffers take at most 90% of the free memory of the model's device; a warning when reduced."""
-    cfg = model.config
-    per_pos = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.dtype.itemsize
-    per_row = (1 + store_per_decode) * max_len * per_pos + 2 * max_len * (8 + 4 + 4)
-    free = int(0.9 * free_memory_bytes(model.device))
-    fit = free // per_row
-    if fit < 1:
-        raise ConfigError(
-            f"one chain needs {per_row / 2**30:.2f} GiB of KV cache ({max_len} positions x {1 + store_per_decode} "
-            f"rows) but only {free / 2**30:.2f} GiB is free on {model.device}; lower max_new_tokens or shorten the prompt"
-        )
-    if fit < want:
-        warnings.warn(f"max_batch reduced from {want} to {fit} chains so the KV cache fits in the free memory "
-                      f"of {model.device} ({per_row / 2**20:.0f} MiB per chain)", stacklevel=4)
-        return fit
-    return want
+@dataclass
+class Prefill:
+    """Compute the K/V of `tokens` into `row` from position 0 (the row's length is already set),
+    after the KV copies queued before `kv_mark` (they may read the row's old contents) have run."""
+
+    group: Group
+    row: int
+    tokens: List[int]
+    kv_mark: int
+    score: Optional[int] = None  # params.prompt_logprobs N: keep every position's logits and score the prompt
+
+
+@dataclass
+class SchedulerOutput:
+    admitted: List[Group] = field(default_factory=list)  # placed this step, in admission order: start them
+    prefills: List[Prefill] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, engine):
-        self.eng = engine
-        self.kv = engine.kv
+    def __init__(self, kv: KVManager):
+        self.kv = kv
         self.waiting: deque = deque()
-        self.row_seq: Dict[int, Seq] = {}  # decode row -> the seq on it
         self.moves = 0
 
-    def add(self, group):
+    def add(self, group: Group):
         self.waiting.append(group)
 
     def remove(self, request):
         self.waiting = deque(g for g in self.waiting if g.request is not request)
 
-    def release(self, group):
+    def release(self, group: Group):
         """Free a group's rows at once (finished, failed or aborted)."""
-        rows = [s.row for s in group.seqs if s.row >= 0]
-        for r in rows:
-            self.row_seq.pop(r, None)
-        self.kv.drop(group)
-        self.kv.free(rows + group.store_rows)
+        self.kv.copies.drop(group)
+        self.kv.free([s.row for s in group.seqs if s.row >= 0] + group.store_rows)
         for s in group.seqs:
             s.row, s.phase = -1, Phase.DONE
         group.store_rows = []
 
-    def admit(self):
-        """Admit queued groups, first come first served, while their rows are free."""
+    def decoding(self) -> List[Seq]:
+        """The seqs that decode this step, lowest row first (the KV manager says who holds a row)."""
+        return [s for s in self.kv.decode_holders() if s.phase is Phase.DECODING]
+
+    def schedule(self) -> SchedulerOutput:
+        """Admit queued groups into free rows.
+
+        NOTE: first come first served, and a group is admitted whole (all its decode and store rows)
+        or not at all, so the queue's head waits for rows rather than being overtaken. A group's
+        prompt K/V [0, P-1) comes from the cheapest source: its own row already holds it (a finished
+        sibling's), or a fork of a row that does, or a prefill; its other decode rows fork its head. A
+        request that scores its prompt (params.prompt_logprobs) prefills it for its first group (the
+        first admitted), a prefill that keeps every position's logits."""
+        out = SchedulerOutput()
         while self.waiting:
             g = self.waiting[0]
-            pol = get_policy(g.params.method)
-            n_dec, n_sto = pol.rows(g.params)
-            got = self.kv.alloc(n_dec, n_sto, prompt=g.request.prompt_key)
+            _, n_sto = get_policy(g.params.method).rows(g.params)
+            got = self.kv.alloc(g.seqs, n_sto, prompt=g.request.prompt_key, store_holder=g)
             if got is None:
-                return
+                break
             self.waiting.popleft()
-            self._place(g, pol, *got)
+            self._place(g, *got, out)
+        return out
 
-    def _place(self, g, pol, dec, sto):
-        eng, kv = self.eng, self.kv
-        g.t0 = t = time.perf_counter()
+    def _place(self, g: Group, dec: List[int], sto: List[int], out: SchedulerOutput):
+        kv = self.kv
+        g.t0 = time.perf_counter()
         key, P = g.request.prompt_key, len(g.prompt)
         head = dec[0]
-        if P == 1:  # nothing to prefill: the only prompt token is fed by the first step
+        if g.params.prompt_logprobs is not None and g.index == 0:  # scored (once per request: its first group)
+            out.prefills.append(Prefill(g, head, g.prompt[:-1], kv.copies.barrier(), g.params.prompt_logprobs))
+            kv.set_prompt(head, key, P - 1)
+            g.positions += P - 1
+            g.prefilled += P if P > 1 else 0
+        elif P == 1:  # nothing to prefill: the only prompt token is fed by the first step
             kv.set_prompt(head, key, 0)
         elif kv.prompt_of[head] == key:  # this row already holds the prompt (a finished sibling's row)
             kv.truncate(head, P - 1)
         elif (src := kv.find_prompt(key)) is not None:  # fork positions [0, P-1) of a row holding it
             kv.fork(src, [head], P - 1, owner=g)
         else:  # prefill all but the last prompt token; it is fed by the first decode step
-            eng.runner.prefill(head, g.prompt[:-1])
+            out.prefills.append(Prefill(g, head, g.prompt[:-1], kv.copies.barrier()))
             kv.set_prompt(head, key, P - 1)
             g.positions += P - 1
             g.prefilled += P
@@ -91,20 +104,38 @@ class Scheduler:
         g.store_rows = list(sto)
         for s, r in zip(g.seqs, dec):
             s.row = r
-            self.row_seq[r] = s
-        eng.charge("prefill_s", t, [g])
-        pol.start(eng, g)
+        out.admitted.append(g)
 
     def compact(self):
         """Queue drained: move the highest decode rows into free lower rows, so the decode batch
         (rows 0..highest active) shrinks as groups finish. A move copies the row's K/V (queued) and
         its token buffers; store rows never move."""
-        free = sorted(self.kv.free_decode)
-        while free and self.row_seq and free[0] < max(self.row_seq):
-            h, f = max(self.row_seq), free.pop(0)
-            s = self.row_seq.pop(h)
-            self.kv.move(h, f, owner=s.group)
+        kv = self.kv
+        while kv.free_decode and kv.free_decode[0] < (h := kv.highest_held()):
+            f = kv.free_decode[0]
+            s = kv.holder[h]
+            kv.move(h, f, owner=s.group)
             s.row = f
-            self.row_seq[f] = s
-            free = sorted(self.kv.free_decode)
             self.moves += 1
+
+
+def check_request(cfg, max_len: int, kv: KVManager, ids: List[int], p: SamplingParams, index: int = 0,
+                  tokenizer=None):
+    """ConfigError naming the problem if prompt `index` (token ids) cannot run with `p` (on an engine
+    with this tokenizer: stop strings need one)."""
+    if p.stop and tokenizer is None:
+        raise ConfigError("stop strings need the model's tokenizer (this engine has none); "
+                          "pass one, or stop on token ids with eos_token_ids")
+    V, ctx = cfg.vocab_size, cfg.max_seq_len
+    bad = [x for x in ids if not 0 <= x < V]
+    if bad:
+        raise ConfigError(f"prompt {index} has token id(s) outside the vocabulary [0, {V}): {bad[:5]}")
+    for limit, what in ((ctx, "the model's context"), (max_len, "the engine's max_len")):
+        if len(ids) + p.max_new_tokens > limit:
+            raise ConfigError(
+                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={p.max_new_tokens} that exceeds "
+                f"{what} of {limit} tokens; shorten the prompt or lower max_new_tokens")
+    n_dec, n_sto = get_policy(p.method).rows(p)
+    if n_dec > kv.n_decode or n_sto > kv.n_store:
+        raise ConfigError(f"method {p.method!r} needs {n_dec} decode and {n_sto} store rows per sample but the "
+                          f"engine has {kv.n_decode} and {kv.n_store}; raise max_batch")

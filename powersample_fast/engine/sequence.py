@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..params import SamplingParams
+from ..sampling_params import SamplingParams
 
 PHASES = ("prefill_s", "decode_s", "accept_s", "kv_copy_s")
 
@@ -37,17 +37,23 @@ class Seq:
     draws: int = 0                  # tokens sampled by this seq so far (its noise counter)
     last_lp: float = 0.0            # log p / log q of the token sampled this step
     last_lq: float = 0.0
+    last_h: float = 0.0             # entropy of the base conditional it was sampled from (0.0 unless computed)
     tau: Optional[float] = None     # sampling temperature override (SPS rollouts sample from p: 1.0)
+    topn: bool = True               # its tokens get the top-N log-prob pass when the request asks (sps: no)
+    stop_context: List[int] = field(default_factory=list)  # kept tokens before `tokens` (sps rollouts)
+    watch: Any = None               # stop_strings.StopWatch of this segment (made at its first token)
+    stopped: bool = False           # the segment ended at a stop string (params.stop)
 
     def start(self, tokens: List[int], limit: int, feed: int, buf: int = 0):
         self.tokens, self.limit, self.feed, self.buf = tokens, limit, feed, buf
         self.phase = Phase.DECODING
+        self.watch, self.stopped = None, False
 
-    def append(self, tok: int, lp: float, lq: float, eos) -> bool:
+    def append(self, tok: int, lp: float, lq: float, eos, h: float = 0.0) -> bool:
         """Record a sampled token; True if the segment ended (EOS or its limit)."""
         self.tokens.append(tok)
         self.draws += 1
-        self.last_lp, self.last_lq = lp, lq
+        self.last_lp, self.last_lq, self.last_h = lp, lq, h
         self.group.sampled += 1
         self.group.positions += 1
         ended = tok in eos or len(self.tokens) >= self.limit
@@ -93,6 +99,7 @@ class Request:
     results: List[Optional[Any]] = field(default_factory=list)  # SampleResult per group, when done
     error: Optional[Exception] = None
     arrival: float = field(default_factory=time.perf_counter)
+    prompt_scores: Optional[list] = None  # params.prompt_logprobs: [None, entry of token 1, ...] (logprob_rows)
 
     @property
     def finished(self) -> bool:

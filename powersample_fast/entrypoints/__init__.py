@@ -1,0 +1,1 @@
+"""Where requests enter: the CLI, the OpenAI-compatible server, the JSONL batch runner, the paper drop-in."""

@@ -1,0 +1,1 @@
+"""`powersample-fast run`: the JSONL batch runner, its results store, grading and data parallelism."""

@@ -1,0 +1,1 @@
+"""`powersample-fast serve`: the OpenAI-compatible HTTP server over one engine."""

@@ -1,0 +1,1 @@
+"""The model: config, network, CPU linear, checkpoint loading, the default model."""
