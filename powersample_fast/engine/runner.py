@@ -18,6 +18,7 @@ import torch
 from torch.profiler import record_function
 
 from .. import ops
+from ..models import cpu_linear
 from ..ops import rng
 from .cpu_step import TracedDecode, cpu_trace_enabled
 from .cuda_graphs import DecodeGraphs
@@ -34,6 +35,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, kv.cache, kv.n_decode, use_graphs=self.device.type == "cuda")
         elif self.device.type == "cpu" and cpu_trace_enabled():
             self.traced = TracedDecode(model, kv.cache)  # CPU: steps replayed from traces (cpu_step.py)
+        if self.device.type == "cpu":
+            cpu_linear.gemv_kernel_used(model.dtype, 1)  # builds the one-row kernel now, not mid-step
         self.last_logits = None  # [B, V] of the last decode step (valid until the next one)
         self.last_rows = 0       # B of the last decode step: the rows it computed
         self.logprobs = LogprobRows(kv)  # top-N log-probs for the rows whose request asked
