@@ -32,7 +32,6 @@ class KVManager:
     right before the next forward, one `kv_copy_` launch per wave.
 
     Per decode row, `tok/lp/lq` [2, n_decode, T] hold the sampled tokens and their log-probs
-    Per decode row, `tok/lp/lq` [2, n_decode, T] hold the sampled tokens and their log-probs
     (index 0: a policy's current sequence, 1: its proposal), and `h` the entropy of the base
     conditional each token was sampled from (written only by steps that compute it: MH with
     index="entropy"); they move with the row, and so do the `extra` buffers [2, n_decode, T, ...]
