@@ -186,6 +186,33 @@ def test_triton_backend_on_cpu_points_to_torch(model_dir, monkeypatch, capsys):
     assert "use --backend torch" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_backend_flag_on_serve_and_run(model_dir, tmp_path, monkeypatch, capsys, keep_threads, command):
+    """serve and run take --backend as sample does: triton on a CPU is one line and exit 2, before
+    the model loads; torch is set for the process."""
+    from powersample_fast import ops
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def fail(*a, **k):
+        pytest.fail("the model was loaded before the error was reported")
+
+    monkeypatch.setattr(loader_mod, "load", fail)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "hi"}\n')
+    args = {"serve": ["serve", "--model", str(model_dir), "--port", "8999"],
+            "run": ["run", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "out.jsonl"),
+                    "--max-new-tokens", "4", "--block-size", "2", "--steps", "1", "--no-progress"]}[command]
+    assert cli.main([*args, "--backend", "triton", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "use --backend torch" in err and len(err.strip().splitlines()) == 1, err
+    seen = []
+    monkeypatch.setattr(ops, "set_backend", seen.append)
+    with pytest.raises(pytest.fail.Exception, match="loaded"):
+        cli.main([*args, "--backend", "torch", "--device", "cpu"])
+    assert seen == ["torch"]
+
+
 def test_importing_the_cli_does_not_import_torch():
     code = "import sys, powersample_fast.cli, powersample_fast; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

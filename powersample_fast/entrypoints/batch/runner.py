@@ -21,7 +21,7 @@ from typing import Optional
 from . import distributed
 from .input_lines import Job, error_record, parse_line, read_lines
 from ..cli.sampling_flags import add_sampling_args, sampling_args
-from ..cli.startup import add_engine_args, apply_threads, check_engine_args, note_slow_dtype
+from ..cli.startup import add_engine_args, apply_backend, apply_threads, check_engine_args, note_slow_dtype
 from ...errors import PowerSampleError
 from .grading import GRADERS, check_grader, grade_math, pass_at_k
 from .results_store import ResultStore
@@ -108,7 +108,11 @@ def main(args) -> int:
             from ...engine import Engine
             from ...models.loader import load
 
-            model, tok = load(args.model, device=distributed.device_for(info, args.device), dtype=args.dtype)
+            device = distributed.device_for(info, args.device)
+            from ...device import resolve_device
+
+            apply_backend(args, resolve_device(device))
+            model, tok = load(args.model, device=device, dtype=args.dtype)
             if info.is_main:
                 note_slow_dtype(model)
             settings = {"model": args.model, "dtype": str(model.dtype).replace("torch.", ""), "chat": args.chat,

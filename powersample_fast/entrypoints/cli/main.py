@@ -30,7 +30,6 @@ def _parser() -> argparse.ArgumentParser:
     add_engine_args(s, model_help="HF-format model directory, or 'default' (SmolLM2-135M-Instruct)",
                     device_help="torch device (default: cuda if available else cpu)",
                     max_len=False)
-    s.add_argument("--backend", default=None, choices=["auto", "triton", "torch"], help="kernel backend")
     add_sampling_args(s)
     s.add_argument("--allow-long", action="store_true",
                    help="run work over the limits: more than 1e9 planned decode tokens, or an expected time over "
@@ -131,19 +130,16 @@ def _sample(args) -> int:
     import torch  # heavy imports from here on (inside main's KeyboardInterrupt handler)
 
     from . import output as out
-    from .startup import apply_threads, check_backend, check_prompts, note_slow_dtype, profiler
+    from .startup import apply_backend, apply_threads, check_prompts, note_slow_dtype, profiler
     from ...device import default_dtype, resolve_device, resolve_dtype, resolve_max_batch
 
     apply_threads(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype) if args.dtype is not None else default_dtype(device)
-    check_backend(args.backend, device)
-    from ... import ops
+    apply_backend(args, device)
     from ...models.loader import load_model, resolve_model_dir
     from ...models.tokenizer import attach_tokenizer_eos
 
-    if args.backend:
-        ops.set_backend(args.backend)
     model_dir = resolve_model_dir(args.model)
     tok, chat = check_prompts(model_dir, args.prompt, args.chat, p.max_new_tokens)
     model = load_model(model_dir, device=device, dtype=dtype)

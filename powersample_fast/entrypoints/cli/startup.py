@@ -72,7 +72,8 @@ DTYPE_HELP = "float32 | bfloat16 | float16 (default bf16 on CUDA and on CPUs wit
 
 def add_engine_args(p, *, model_help: str, device_help: str, max_len: bool = True) -> None:
     """The flags `sample`, `serve` and `run` share: model, batch, device, dtype, KV row length,
-    threads, CUDA graphs (checked by `check_engine_args`, threads set by `apply_threads`)."""
+    threads, CUDA graphs, kernel backend (checked by `check_engine_args`, threads set by
+    `apply_threads`, the backend by `apply_backend`)."""
     p.add_argument("--model", default="default", help=model_help)
     p.add_argument("--max-batch", type=int, default=None, help="chains decoded together (default 64 CUDA / 8 CPU: device.MAX_BATCH)")
     p.add_argument("--device", default=None, help=device_help)
@@ -83,6 +84,8 @@ def add_engine_args(p, *, model_help: str, device_help: str, max_len: bool = Tru
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on a busy machine with <= 2 cores, else torch's default)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (experimental)")
+    p.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
+                   help="kernel backend (default: POWERSAMPLE_FAST_BACKEND, else auto: Triton on CUDA, torch on CPU)")
 
 
 def check_engine_args(args) -> None:
@@ -155,6 +158,14 @@ def check_backend(backend: Optional[str], device) -> None:
                           "use --backend torch (or auto) on CPU, or set TRITON_INTERPRET=1 to run the kernels "
                           "in Triton's slow CPU interpreter")
 
+
+def apply_backend(args, device) -> None:
+    """--backend: checked against the device (`check_backend`), then set for the process."""
+    check_backend(args.backend, device)
+    if args.backend:
+        from ... import ops
+
+        ops.set_backend(args.backend)
 
 def check_prompts(model_dir, prompts, chat_flag, max_new_tokens: int):
     """Before the weights load: the budget and each prompt against the context length in config.json

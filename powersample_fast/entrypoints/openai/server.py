@@ -15,7 +15,7 @@ import sys
 import time
 
 from . import protocol as proto
-from ..cli.startup import add_engine_args, apply_threads, check_engine_args, note_slow_dtype
+from ..cli.startup import add_engine_args, apply_backend, apply_threads, check_engine_args, note_slow_dtype
 from .worker import EngineWorker
 from ...errors import ConfigError
 from .app import build_app  # noqa: F401  (the app; re-exported for callers of server.build_app)
@@ -89,7 +89,10 @@ def main(args) -> int:
     if warning:
         print(f"powersample-fast: warning: {warning}", file=sys.stderr, flush=True)
     apply_threads(args)
+    from ...device import resolve_device
     from ...engine import Engine
+
+    apply_backend(args, resolve_device(args.device))
     from ...models.loader import load
 
     model, tok = load(args.model, device=args.device, dtype=args.dtype)
