@@ -58,10 +58,11 @@ def _stopped_within(srv, seconds):
     return rc, time.time() - t0
 
 
-def test_sigterm_aborts_requests_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_aborts_requests_and_exits_0(tmp_path, sig):
     with running_server(tmp_path, "--max-batch", 4) as srv:
         out, threads = _start_long_requests(srv)
-        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(sig)
         rc, took = _stopped_within(srv, 10)
         for t in threads:
             t.join(10)
@@ -77,7 +78,7 @@ def test_sigterm_aborts_requests_and_exits_0(tmp_path):
         assert "terminate called" not in log and "Traceback" not in log, log
 
 
-@pytest.mark.parametrize("first,second", [(signal.SIGTERM, signal.SIGINT)])
+@pytest.mark.parametrize("first,second", [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGINT)])
 def test_second_signal_exits_at_once(tmp_path, first, second):
     with running_server(tmp_path, "--max-batch", 4) as srv:
         _, threads = _start_long_requests(srv)
