@@ -40,7 +40,7 @@ def test_license_is_an_spdx_expression_without_deprecation_warnings(tmp_path):
 
 def test_wheel_holds_every_subpackage(tmp_path):
     """A non-editable install gets every package directory (engine/, policies/ were left out once) and
-    the C++ source cpu_gemv builds."""
+    the C++ source cpu_kernels builds."""
     import zipfile
 
     for name in ("pyproject.toml", "README.md"):

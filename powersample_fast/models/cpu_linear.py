@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import cpu_gemv
+from . import cpu_kernels
 
 ONEDNN_ENV = "POWERSAMPLE_FAST_ONEDNN"
 _PACKED: dict = {}  # id(weight) -> (weakref to weight, (data_ptr, version), packed); dropped with the weight
@@ -77,12 +77,12 @@ BF16_GEMV_ENV = "POWERSAMPLE_FAST_BF16_GEMV"
 _BF16_GEMV = os.environ.get(BF16_GEMV_ENV, "1") != "0"
 
 
-_GEMV_KERNEL = True  # one-row bf16 through cpu_gemv's kernel where it loads (else torch's gemv)
+_GEMV_KERNEL = True  # one-row bf16 through cpu_kernels' gemv where it loads (else torch's gemv)
 
 
 def set_bf16_gemv(enabled: bool, kernel: Optional[bool] = None) -> None:
     """Run one-row bf16 linears through a gemv (True, the default) or the packed kernel; `kernel`:
-    the gemv is cpu_gemv's AVX512-BF16 kernel where it loads (True, the default) or torch's."""
+    the gemv is cpu_kernels' AVX512-BF16 kernel where it loads (True, the default) or torch's."""
     global _BF16_GEMV, _GEMV_KERNEL
     _BF16_GEMV = bool(enabled)
     if kernel is not None:
@@ -90,8 +90,8 @@ def set_bf16_gemv(enabled: bool, kernel: Optional[bool] = None) -> None:
 
 
 def gemv_kernel_used(dtype, rows: int) -> bool:
-    """Whether `linear` on `rows` rows of `dtype` runs cpu_gemv's kernel (building it on first ask)."""
-    return _GEMV_KERNEL and takes_gemv(dtype, rows) and cpu_gemv.gemv_kernel_ready()
+    """Whether `linear` on `rows` rows of `dtype` runs cpu_kernels' gemv (building it on first ask)."""
+    return _GEMV_KERNEL and takes_gemv(dtype, rows) and cpu_kernels.kernels_ready()
 
 
 def takes_gemv(dtype, rows: int) -> bool:
@@ -100,8 +100,9 @@ def takes_gemv(dtype, rows: int) -> bool:
 
 
 def linear_mode() -> tuple:
-    """What `linear` does now (packed dtypes, one-row bf16 gemv and which): a traced step records one mode."""
-    return _DTYPES, _BF16_GEMV, _GEMV_KERNEL
+    """What `linear` (and cpu_kernels' fused ops) do now (packed dtypes, one-row bf16 gemv and which,
+    fused ops): a traced step records one mode."""
+    return _DTYPES, _BF16_GEMV, _GEMV_KERNEL, cpu_kernels.mode()
 
 
 @contextlib.contextmanager
@@ -169,8 +170,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     global _TRACE_GEMV
     if x.dtype in _DTYPES and weight.dtype == x.dtype and x.device.type == "cpu":
         if takes_gemv(x.dtype, x.numel() // max(x.shape[-1], 1)) and x.numel():  # one bf16 row
-            if _GEMV_KERNEL and weight.is_contiguous() and cpu_gemv.gemv_kernel_ready():
-                return cpu_gemv.gemv_bf16(x, weight, bias)  # an op of its own: traced as itself
+            if _GEMV_KERNEL and weight.is_contiguous() and cpu_kernels.kernels_ready():
+                return cpu_kernels.gemv_bf16(x, weight, bias)  # an op of its own: traced as itself
             if _TRACE_PACKED is not None:  # traced as aten::linear; replayed with oneDNN off
                 _TRACE_GEMV = True
                 return F.linear(x, weight, bias)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..errors import ModelLoadError
 from .config import ModelConfig
 from .config_check import SUPPORTED_ACTIVATIONS
+from . import cpu_kernels
 from .cpu_linear import linear
 
 
@@ -43,6 +44,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if self.weight.dtype == x.dtype and cpu_kernels.fused_ops_on(x):  # one op (cpu_kernels)
+            return cpu_kernels.rms_norm_bf16(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # norm in fp32, cast back (as HF)
@@ -79,8 +82,11 @@ class Attention(nn.Module):
         H, Hk = cfg.n_heads, cfg.n_kv_heads
         qkv = self.wqkv(x)  # [B, T, (H + 2 H_kv) * D]
         # RoPE on q and k together (one set of element-wise ops per layer instead of two)
-        qk = qkv[..., :(H + Hk) * hd].view(B, T, H + Hk, hd).transpose(1, 2)  # [B, H + H_kv, T, D]
-        q, k = apply_rope(qk, cos, sin, cfg.rotary_dim).split([H, Hk], dim=1)  # [B, H, T, D], [B, H_kv, T, D]
+        if cpu_kernels.fused_ops_on(qkv) and cos.dtype == qkv.dtype:  # one op, bit for bit (cpu_kernels)
+            qk = cpu_kernels.rope_bf16(qkv, cos, sin, H + Hk, hd, cfg.rotary_dim)
+        else:
+            qk = apply_rope(qkv[..., :(H + Hk) * hd].view(B, T, H + Hk, hd).transpose(1, 2), cos, sin, cfg.rotary_dim)
+        q, k = qk.split([H, Hk], dim=1)  # [B, H, T, D], [B, H_kv, T, D]
         v = qkv[..., (H + Hk) * hd:].view(B, T, Hk, hd).transpose(1, 2)  # v: [B, H_kv, T, D]
         if kv is None:  # full causal forward; mask is None (causal) or a sliding-window mask [T, T]
             o = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask,
@@ -95,7 +101,10 @@ class Attention(nn.Module):
             # each cached K/V once. mask: additive [B, 1, G*T, kv_len], built once per forward.
             G = cfg.n_heads // cfg.n_kv_heads
             qg = q.reshape(B, cfg.n_kv_heads, G * T, hd)  # [B, H_kv, G*T, D]
-            o = F.scaled_dot_product_attention(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
+            if T == 1 and hd % 16 == 0 and hd <= 256 and mask is not None and cpu_kernels.fused_ops_on(qg):
+                o = cpu_kernels.attn_decode_bf16(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)  # cpu_kernels
+            else:
+                o = F.scaled_dot_product_attention(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
             # reshape, not view: CUDA's memory-efficient kernel returns a transposed layout
             o = o.reshape(B, cfg.n_heads, T, hd)  # [B, H, T, D]
         return self.wo(o.transpose(1, 2).reshape(B, T, cfg.n_heads * hd))
@@ -126,5 +135,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, kv, write, mask):
         h = x + self.attention(self.attention_norm(x), cos, sin, kv, write, mask)
-        g, u = self.w13(self.ffn_norm(h)).chunk(2, dim=-1)
+        gu = self.w13(self.ffn_norm(h))  # [gate; up]
+        if isinstance(self.act, nn.SiLU) and cpu_kernels.fused_ops_on(gu):  # one op (cpu_kernels)
+            return h + self.w2(cpu_kernels.silu_mul_bf16(gu))
+        g, u = gu.chunk(2, dim=-1)
         return h + self.w2(self.act(g) * u)

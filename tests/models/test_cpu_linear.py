@@ -109,7 +109,7 @@ def test_bf16_packed_equals_f_linear_bit_for_bit(kn, rows, bias):
 @pytest.mark.parametrize("shape", [(1,), (1, 1)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_one_row_gemv_is_torch_gemv_within_the_stated_bound(kn, shape, bias):
-    """One bf16 row with cpu_gemv's kernel off runs torch's gemv (F.linear with oneDNN off), bit for bit; against the packed
+    """One bf16 row with cpu_kernels's kernel off runs torch's gemv (F.linear with oneDNN off), bit for bit; against the packed
     kernel it differs by at most one bf16 ulp (each result rounded once, <= half an ulp each) plus
     the fp32 summation-order difference (cpu_linear's docstring):
     |y - y_packed| <= 2**-7 max(|y|, |y_packed|) + 2 K 2**-24 sum_k |x_k w_k| (+ an ulp for the bias
@@ -120,7 +120,7 @@ def test_bf16_one_row_gemv_is_torch_gemv_within_the_stated_bound(kn, shape, bias
     b = torch.randn(N, generator=g).bfloat16() if bias else None
     x = torch.randn(*shape, K, generator=g).bfloat16()
     assert L.takes_gemv(torch.bfloat16, 1) and not L.takes_gemv(torch.bfloat16, 2)
-    L.set_bf16_gemv(True, kernel=False)  # torch's gemv, not cpu_gemv's kernel (tests/models/test_cpu_gemv.py)
+    L.set_bf16_gemv(True, kernel=False)  # torch's gemv, not cpu_kernels's kernel (tests/models/test_cpu_kernels.py)
     try:
         y = L.linear(x, w, b)
     finally:
