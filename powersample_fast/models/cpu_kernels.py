@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,7 @@ FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mav
          "-mavx512bf16", "-w"]
 
 _state: dict = {}  # "loaded": bool, "why": reason they are off (once decided for this process)
+_lock = threading.Lock()  # one decision (and build) per process, also with `prepare_in_background`
 _FUSED = True  # layers use the fused ops where loaded (set_fused_ops)
 
 
@@ -95,12 +97,23 @@ def _load() -> Optional[str]:
 def kernels_ready() -> bool:
     """Whether the kernels are loaded (decided, and built, on first call)."""
     if "loaded" not in _state:
-        why = _load()
-        _state.update(loaded=why is None, why=why)
-        if why is not None and os.environ.get(KERNEL_ENV, "1") != "0" and cpu_has_avx512_bf16():
-            print(f"powersample-fast: bf16 CPU kernels off ({why}); using torch's ops",
-                  file=sys.stderr, flush=True)
+        with _lock:
+            if "loaded" not in _state:
+                why = _load()
+                if why is not None and os.environ.get(KERNEL_ENV, "1") != "0" and cpu_has_avx512_bf16():
+                    print(f"powersample-fast: bf16 CPU kernels off ({why}); using torch's ops",
+                          file=sys.stderr, flush=True)
+                _state.update(loaded=why is None, why=why)
     return _state["loaded"]
+
+
+def prepare_in_background(device, dtype) -> None:
+    """Start deciding (and, the first time on a machine, building) the kernels on a thread, so a
+    build overlaps the model's loading; `kernels_ready` waits for it. Only for bf16 on CPU."""
+    if "loaded" in _state or "started" in _state or torch.device(device).type != "cpu" or dtype != torch.bfloat16:
+        return
+    _state["started"] = True
+    threading.Thread(target=kernels_ready, name="powersample-cpu-kernels", daemon=True).start()
 
 
 def kernels_off_reason() -> Optional[str]:

@@ -170,7 +170,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     global _TRACE_GEMV
     if x.dtype in _DTYPES and weight.dtype == x.dtype and x.device.type == "cpu":
         if takes_gemv(x.dtype, x.numel() // max(x.shape[-1], 1)) and x.numel():  # one bf16 row
-            if _GEMV_KERNEL and weight.is_contiguous() and cpu_kernels.kernels_ready():
+            if (_GEMV_KERNEL and weight.is_contiguous() and (bias is None or bias.dtype == x.dtype)
+                    and cpu_kernels.kernels_ready()):
                 return cpu_kernels.gemv_bf16(x, weight, bias)  # an op of its own: traced as itself
             if _TRACE_PACKED is not None:  # traced as aten::linear; replayed with oneDNN off
                 _TRACE_GEMV = True

@@ -16,7 +16,7 @@ import torch
 
 from ..device import default_dtype, resolve_device, resolve_dtype
 from ..errors import ModelLoadError
-from . import default_model
+from . import cpu_kernels, default_model
 from .config import ModelConfig
 from .tokenizer import attach_tokenizer_eos, load_tokenizer, merge_eos_ids
 from .transformer import Transformer
@@ -73,6 +73,7 @@ def load_model(path: Union[str, os.PathLike], device=None, dtype=None) -> Transf
         raise ModelLoadError(f"{path} is not a directory; pass an HF-format model directory")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else default_dtype(device)
+    cpu_kernels.prepare_in_background(device, dtype)  # a first-time build overlaps the weights' loading
     cfg = ModelConfig.from_hf(read_config(path), source=str(path / "config.json"))
     gen_cfg = path / "generation_config.json"
     if gen_cfg.is_file():
@@ -98,6 +99,8 @@ def load(path_or_name: Union[str, os.PathLike] = "default", device=None, dtype=N
     device: default CUDA if available else CPU; dtype: default `device.default_dtype` (bfloat16 on CUDA and on
     CPUs with native bf16 matrix instructions, float32 elsewhere).
     The tokenizer is None for a directory without tokenizer files (prompts then as token ids)."""
+    dev = resolve_device(device)  # the kernels' first build (bf16 on CPU) overlaps the default model's
+    cpu_kernels.prepare_in_background(dev, resolve_dtype(dtype) if dtype is not None else default_dtype(dev))
     path = resolve_model_dir(path_or_name)
     model = load_model(path, device=device, dtype=dtype)
     tok = load_tokenizer(path)

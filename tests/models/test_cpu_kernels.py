@@ -94,7 +94,9 @@ def _fresh_process(tmp_path, **env):
     code = textwrap.dedent("""
         import torch, torch.nn.functional as F
         from powersample_fast.models import cpu_kernels, cpu_linear as L
-        print("READY", cpu_kernels.kernels_ready(), flush=True)
+        cpu_kernels.prepare_in_background("cpu", torch.bfloat16)  # as the loader does: a thread decides
+        cpu_kernels.prepare_in_background("cpu", torch.bfloat16)  # once only
+        print("READY", cpu_kernels.kernels_ready(), flush=True)  # waits for that thread
         x, w = torch.randn(1, 16).bfloat16(), torch.randn(8, 16).bfloat16()
         with L.onednn_matmul_off():
             print("SAME", torch.equal(L.linear(x, w), F.linear(x, w)))
@@ -123,7 +125,7 @@ def test_kernel_is_built_once_into_the_cache_and_env_turns_it_off(tmp_path):
     if not cpu_kernels.kernels_ready():
         pytest.skip(f"the kernel does not build here ({cpu_kernels.kernels_off_reason()})")
     first = _fresh_process(tmp_path)
-    assert "READY True" in first.stdout and "building the bf16 CPU kernels" in first.stderr, first.stderr
+    assert "READY True" in first.stdout and first.stderr.count("building the bf16 CPU kernels") == 1, first.stderr
     assert list((tmp_path / "home" / "ext").glob("*/powersample_cpu.so"))
     again = _fresh_process(tmp_path)
     assert "READY True" in again.stdout and "building" not in again.stderr

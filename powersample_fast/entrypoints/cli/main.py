@@ -140,6 +140,9 @@ def _sample(args) -> int:
     from ...models.loader import load_model, resolve_model_dir
     from ...models.tokenizer import attach_tokenizer_eos
 
+    from ...models import cpu_kernels
+
+    cpu_kernels.prepare_in_background(device, dtype)  # a first-time build overlaps the model's
     model_dir = resolve_model_dir(args.model)
     tok, chat = check_prompts(model_dir, args.prompt, args.chat, p.max_new_tokens)
     model = load_model(model_dir, device=device, dtype=dtype)
