@@ -3,7 +3,7 @@
 Methods: "mh" (Algorithm 1, exact power sampling; `engine/policies/mh.py` says how the KV cache is
 reused), "plain" (ancestral sampling, the baseline), "smc" (Power-SMC, `engine/policies/smc.py`),
 "sps" (Scalable Power Sampling, block level, `engine/policies/sps_block.py`) and "sps_token" (its
-token-level variant, `engine/policies/sps.py`)."""
+token-level variant, `engine/policies/sps_token.py`)."""
 from __future__ import annotations
 
 import dataclasses

@@ -36,7 +36,7 @@ class SamplingParams:
     method="sps" (Scalable Power Sampling, block level, engine/policies/sps_block.py): per block of
     `block_size` B tokens, `sps_candidates` L blocks sampled from p, the `sps_top_k` K most likely
     distinct ones, `sps_rollouts` M rollouts of at most `sps_horizon` H tokens from p after each.
-    method="sps_token" (token level, engine/policies/sps.py): per token the K most likely tokens, M rollouts
+    method="sps_token" (token level, engine/policies/sps_token.py): per token the K most likely tokens, M rollouts
     of at most H tokens each (L and B unused).
 
     method="mh" mixing options (issue 22, ALGORITHM.md "Faster mixing"): index="entropy" draws the

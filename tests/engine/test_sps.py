@@ -1,4 +1,4 @@
-"""Scalable Power Sampling, token level (engine/policies/sps.py, `method="sps_token"`): the jackknife
+"""Scalable Power Sampling, token level (engine/policies/sps_token.py, `method="sps_token"`): the jackknife
 against its definition, rollouts decoding on the right K/V, the paper's defaults on the default model,
 argument errors. Its law on the enumerable toy: laws/test_sps_law.py."""
 import math
@@ -9,8 +9,8 @@ import torch
 
 import powersample_fast as pf
 from powersample_fast.errors import ConfigError
-from powersample_fast.engine.policies import sps as sps_mod
-from powersample_fast.engine.policies.sps import jackknife_probs
+from powersample_fast.engine.policies import sps_token as sps_mod
+from powersample_fast.engine.policies.sps_token import jackknife_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

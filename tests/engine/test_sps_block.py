@@ -13,7 +13,7 @@ from powersample_fast.engine import Engine
 from powersample_fast.engine.kv_cache import KVCache
 from powersample_fast.engine.policies import get_policy
 from powersample_fast.engine.policies import sps_block as blk
-from powersample_fast.engine.policies.sps import jackknife_probs
+from powersample_fast.engine.policies.sps_token import jackknife_probs
 from powersample_fast.entrypoints.cli import main as cli
 from powersample_fast.errors import ConfigError
 from powersample_fast.sampling_params import SamplingParams

@@ -1,4 +1,4 @@
-"""The law of Scalable Power Sampling, token level (engine/policies/sps.py, `method="sps_token"`), on
+"""The law of Scalable Power Sampling, token level (engine/policies/sps_token.py, `method="sps_token"`), on
 the default enumerable toy (vocab 4, EOS 3, prompt [0, 1], 4 new tokens). Its law is computed
 independently of the sampler (helpers.laws.sps_token_law: per prefix, the expectation of p^JK over
 simulated rollouts drawn from the exact rollout laws), so the sampler is tested by chi-square against

@@ -40,7 +40,7 @@ from .base import Policy
 from .mh import MHPolicy
 from .plain import PlainPolicy
 from .smc import SMCPolicy
-from .sps import SPSPolicy
+from .sps_token import SPSPolicy
 from .sps_block import BlockSPSPolicy
 
 POLICIES = {"plain": PlainPolicy(), "mh": MHPolicy(), "smc": SMCPolicy(), "sps": BlockSPSPolicy(),

@@ -52,7 +52,7 @@ from ...sampling_params import SamplingParams
 from ..kv_manager import common_prefix
 from ..sequence import Phase
 from .base import Policy
-from .sps import jackknife_probs
+from .sps_token import jackknife_probs
 
 
 @dataclass(eq=False)
