@@ -10,6 +10,7 @@ import pytest
 
 from powersample_fast.models import loader as loader_mod
 from powersample_fast.entrypoints.batch import results_store
+from powersample_fast.entrypoints.cli import startup as cli_startup
 from test_batch_input import MH, records, run, write
 from helpers.tiny_models import make_random_model_dir
 
@@ -119,7 +120,7 @@ def test_output_paths_that_cannot_work_are_one_line_before_loading(random_model,
     out = {"directory": tmp_path, "under_a_file": tmp_path / "afile" / "sub" / "out.jsonl", "device": "/dev/null",
            "read_only": tmp_path / "ro.jsonl"}[where]
     if where == "read_only":
-        monkeypatch.setattr(results_store, "open", _erofs(open, out), raising=False)
+        monkeypatch.setattr(cli_startup, "open", _erofs(open, out), raising=False)  # where the write probe opens it
     assert run("--model", random_model, "--input", inp, "--output", out, *MH) == 2
     err = one_line(capsys)
     assert {"directory": "is a directory; give a file name such as",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, List, Set
 
 from ...errors import ConfigError
+from ..cli.startup import cannot_write
 
 
 def read_records(path: Path) -> List[dict]:
@@ -74,16 +75,10 @@ class ResultStore:
             why = f"{file} is a file, not a directory" if file else e.strerror or str(e)
             raise ConfigError(f"cannot create the directory {out.parent} for --output {out}: {why}") from None
         probes = [self.path] + ([self.sidecar("tmp")] if self.rank == 0 else [])
-        for p in probes:  # the real test (permissions, read-only file systems): open for writing
-            existed = p.exists()
-            try:
-                with open(p, "a", encoding="utf-8"):
-                    pass
-                if not existed:
-                    p.unlink()
-            except OSError as e:
-                raise ConfigError(f"--output {out}: cannot write {p} ({e.strerror or e}); choose a path in a "
-                                  "writable directory") from None
+        for p in probes:
+            why = cannot_write(p)
+            if why is not None:
+                raise ConfigError(f"--output {out}: cannot write {p} ({why}); choose a path in a writable directory")
 
     def check_fresh(self, resume: bool):
         """Refuse to mix a new run into old results unless resuming, and to resume a file that is not

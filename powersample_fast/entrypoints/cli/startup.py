@@ -119,6 +119,20 @@ def apply_threads(args) -> None:
         torch.set_num_threads(threads)
 
 
+def cannot_write(p: Path) -> Optional[str]:
+    """Why file p cannot be written (None: it can): the real test (permissions, read-only file
+    systems) is opening it for appending; a file this creates is removed again."""
+    existed = p.exists()
+    try:
+        with open(p, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            p.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def check_profile_path(path: Optional[str]) -> None:
     """--profile must name a file we can create: its directory exists and is writable, and it is not
     itself a directory. Checked before sampling, so a long run is not lost to a bad path."""
@@ -130,15 +144,9 @@ def check_profile_path(path: Optional[str]) -> None:
         raise ConfigError(f"--profile {path} is a directory; give a file name such as {p / 'trace.json'}")
     if not parent.is_dir():
         raise ConfigError(f"--profile {path}: directory {parent} does not exist; create it or choose another path")
-    existed = p.exists()
-    try:  # the real test (permissions, read-only file systems): open for writing, leave nothing behind
-        with open(p, "a"):
-            pass
-        if not existed:
-            p.unlink()
-    except OSError as e:
-        raise ConfigError(f"--profile {path} is not writable ({e.strerror}); choose a path in a writable "
-                          "directory") from None
+    why = cannot_write(p)
+    if why is not None:
+        raise ConfigError(f"--profile {path} is not writable ({why}); choose a path in a writable directory")
 
 
 def check_backend(backend: Optional[str], device) -> None:
