@@ -11,6 +11,7 @@ log-probs also get the top-N pass over the same logits (`logprob_rows.py`), and 
 prefill keeps every position's logits (`prefill_scored`)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import List, Optional
 
@@ -18,7 +19,7 @@ import torch
 from torch.profiler import record_function
 
 from .. import ops
-from ..models import cpu_linear
+from ..models import cpu_kernels, cpu_linear
 from ..ops import rng
 from .cpu_step import TracedDecode, cpu_trace_enabled
 from .cuda_graphs import DecodeGraphs
@@ -35,8 +36,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, kv.cache, kv.n_decode, use_graphs=self.device.type == "cuda")
         elif self.device.type == "cpu" and cpu_trace_enabled():
             self.traced = TracedDecode(model, kv.cache)  # CPU: steps replayed from traces (cpu_step.py)
-        if self.device.type == "cpu":
-            cpu_linear.gemv_kernel_used(model.dtype, 1)  # builds the one-row kernel now, not mid-step
+        # an engine of one decode row may take the one-row bf16 gemv (cpu_linear.one_row_engine);
+        # one that batches runs one kernel for every row count, so no output depends on the batch
+        self._one_row = cpu_linear.one_row_engine if kv.n_decode == 1 else contextlib.nullcontext
+        if self.device.type == "cpu" and model.dtype == torch.bfloat16:
+            cpu_kernels.kernels_ready()  # built (the first time on a machine) now, not mid-step
         self.last_logits = None  # [B, V] of the last decode step (valid until the next one)
         self.last_rows = 0       # B of the last decode step: the rows it computed
         self.logprobs = LogprobRows(kv)  # top-N log-probs for the rows whose request asked
@@ -45,7 +49,7 @@ class ModelRunner:
         """Compute the K/V of `tokens` into `row` at positions 0..T-1, after the queued KV copies before
         `kv_mark` (they may read this row's old contents; all queued copies if None)."""
         self.kv.copies.flush(before=kv_mark)
-        with record_function("prefill"):
+        with record_function("prefill"), self._one_row():
             T = len(tokens)
             x = torch.tensor([tokens], dtype=torch.int64, device=self.device)  # [1, T]
             pos = torch.arange(T, dtype=torch.int64, device=self.device)[None]  # [1, T]
@@ -56,7 +60,7 @@ class ModelRunner:
         returns the prompt's log-probs with the n most likely tokens, [None, entry of token 1, ...]."""
         self.kv.copies.flush(before=kv_mark)
         out: List[Optional[Entry]] = [None]
-        with record_function("prefill_scored"):
+        with record_function("prefill_scored"), self._one_row():
             for a in range(0, len(prompt) - 1, CHUNK):
                 b = min(a + CHUNK, len(prompt) - 1)
                 x = torch.tensor([prompt[a:b]], dtype=torch.int64, device=self.device)  # [1, b - a]
@@ -84,7 +88,7 @@ class ModelRunner:
         if live:
             charge("kv_copy_s", t, list({id(g): g for g in live}.values()))
         t = time.perf_counter()
-        with record_function("decode"):
+        with record_function("decode"), self._one_row():
             lengths = kv.lengths[:B]
             # one host->device copy: tokens, keys, buffer/position of each sampled token, mask, lengths
             inp = torch.tensor([feed, keys, buf, pos, act, lengths], dtype=torch.int64).to(self.device)

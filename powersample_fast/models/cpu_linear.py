@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
 from typing import Optional
 
@@ -94,15 +95,34 @@ def gemv_kernel_used(dtype, rows: int) -> bool:
     return _GEMV_KERNEL and takes_gemv(dtype, rows) and cpu_kernels.kernels_ready()
 
 
+_ONE_ROW = threading.local()  # .on: inside `one_row_engine` (this thread)
+
+
+@contextlib.contextmanager
+def one_row_engine():
+    """Inside (the forward calls of an engine whose batch is one decode row): one bf16 row takes the
+    gemv. Everywhere else (engines that batch, direct model calls) every row count runs the packed
+    kernel, whose per-row outputs do not depend on how many rows run together, so a request's
+    tokens do not depend on what else is in the batch. The gemv sums in another order (module
+    docstring): a row computed by it alone and by the packed kernel in a batch would differ."""
+    prev = getattr(_ONE_ROW, "on", False)
+    _ONE_ROW.on = True
+    try:
+        yield
+    finally:
+        _ONE_ROW.on = prev
+
+
 def takes_gemv(dtype, rows: int) -> bool:
-    """Whether `linear` on `rows` rows of `dtype` runs the one-row bf16 gemv."""
-    return _BF16_GEMV and rows == 1 and dtype == torch.bfloat16 and dtype in _DTYPES
+    """Whether `linear` on `rows` rows of `dtype` runs the one-row bf16 gemv (inside `one_row_engine`)."""
+    return (_BF16_GEMV and rows == 1 and getattr(_ONE_ROW, "on", False) and dtype == torch.bfloat16
+            and dtype in _DTYPES)
 
 
 def linear_mode() -> tuple:
     """What `linear` (and cpu_kernels' fused ops) do now (packed dtypes, one-row bf16 gemv and which,
     fused ops): a traced step records one mode."""
-    return _DTYPES, _BF16_GEMV, _GEMV_KERNEL, cpu_kernels.mode()
+    return _DTYPES, _BF16_GEMV, _GEMV_KERNEL, getattr(_ONE_ROW, "on", False), cpu_kernels.mode()
 
 
 @contextlib.contextmanager

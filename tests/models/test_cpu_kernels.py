@@ -63,20 +63,23 @@ def test_wrong_kernel_is_caught_by_the_bound():
 
 
 @needs_kernel
-def test_one_bf16_row_of_linear_runs_the_kernel_and_more_rows_do_not():
+def test_one_bf16_row_runs_the_kernel_only_in_a_one_row_engine():
     g = torch.Generator().manual_seed(7)
     w = (torch.randn(96, 64, generator=g) * 0.05).bfloat16()
     b = torch.randn(96, generator=g).bfloat16()
     x = torch.randn(3, 64, generator=g).bfloat16()
-    assert L.gemv_kernel_used(torch.bfloat16, 1) and not L.gemv_kernel_used(torch.bfloat16, 2)
-    assert torch.equal(L.linear(x[:1], w, b), cpu_kernels.gemv_bf16(x[:1], w, b))
-    assert torch.equal(L.linear(x, w, b), F.linear(x, w, b))  # packed kernel, bit-identical to F.linear
-    L.set_bf16_gemv(True, kernel=False)
-    try:
-        with L.onednn_matmul_off():
-            assert torch.equal(L.linear(x[:1], w, b), F.linear(x[:1], w, b))  # torch's gemv
-    finally:
-        L.set_bf16_gemv(True, kernel=True)
+    assert not L.gemv_kernel_used(torch.bfloat16, 1)  # outside a one-row engine: the packed kernel
+    assert torch.equal(L.linear(x[:1], w, b), F.linear(x[:1], w, b))
+    with L.one_row_engine():
+        assert L.gemv_kernel_used(torch.bfloat16, 1) and not L.gemv_kernel_used(torch.bfloat16, 2)
+        assert torch.equal(L.linear(x[:1], w, b), cpu_kernels.gemv_bf16(x[:1], w, b))
+        assert torch.equal(L.linear(x, w, b), F.linear(x, w, b))  # packed kernel, bit-identical to F.linear
+        L.set_bf16_gemv(True, kernel=False)
+        try:
+            with L.onednn_matmul_off():
+                assert torch.equal(L.linear(x[:1], w, b), F.linear(x[:1], w, b))  # torch's gemv
+        finally:
+            L.set_bf16_gemv(True, kernel=True)
 
 
 @needs_kernel
@@ -239,3 +242,69 @@ def test_fused_model_logits_move_less_than_bf16_itself(tmp_path):
     plain16, fused16 = decode("bfloat16", False, path), decode("bfloat16", True, path)
     assert (fused16 - plain16).abs().max() <= (plain16 - fp32).abs().max()
     assert (fused16 - fp32).abs().max() <= 1.5 * (plain16 - fp32).abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch invariance: a request's outputs in bf16 do not depend on what else is in the batch
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    import powersample_fast as pf
+    from helpers.tiny_models import random_llama
+
+    d = tmp_path_factory.mktemp("bf16_llama")
+    random_llama(seed=4, weight_std=0.05, vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128).save_pretrained(d)
+    return pf.load(d, device="cpu", dtype="bfloat16")[0]
+
+
+def _drain(eng):
+    out = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                out[o.request_id] = [(r.token_ids, list(r.logp)) for r in o.results]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not L.onednn_bf16_supported(), reason="no native bf16 on this CPU: bf16 is not packed here")
+def test_bf16_request_alone_or_batched_gives_the_same_tokens_and_log_probs():
+    """The default model in bf16, engines that batch (max_batch 4): a request's tokens and log-probs
+    are the same alone as with another request beside it whose rows come and go (the batch moves
+    between 1 and 4 rows). Before `one_row_engine`, steps where the request was the one decoding row
+    took the gemv, whose logits differ in a few last bits from the packed kernel's on the 49152-wide
+    logits weight: seeds 0 and 3 here gave other tokens."""
+    import powersample_fast as pf
+    from powersample_fast.engine import Engine
+    from powersample_fast.sampling_params import SamplingParams
+
+    model, tok = pf.load("default", device="cpu", dtype="bfloat16")
+    ids = tok.encode("Tom has 3 apples and buys 5 more. How many apples does he have now?")
+    other = tok.encode("Write a short poem about the sea and the wind.")
+    for seed in (0, 3):
+        mine = SamplingParams(method="plain", max_new_tokens=48, n=1, seed=seed)
+        alone_eng = Engine(model, tok, max_batch=4, max_len=128)
+        alone_eng.add_request(ids, mine, request_id="a")
+        alone = _drain(alone_eng)["a"]
+        eng = Engine(model, tok, max_batch=4, max_len=128)
+        eng.add_request(ids, mine, request_id="a")
+        eng.add_request(other, SamplingParams(method="plain", max_new_tokens=12, n=3, seed=99), request_id="b")
+        assert _drain(eng)["a"] == alone, seed
+        assert eng.stats["max_batch_rows"] == 4
+
+
+@pytest.mark.skipif(not L.onednn_bf16_supported(), reason="no native bf16 on this CPU: bf16 is not packed here")
+def test_a_one_row_engine_takes_the_one_row_gemv(bf16_llama, monkeypatch):
+    from powersample_fast.engine import Engine
+    from powersample_fast.sampling_params import SamplingParams
+
+    seen = []
+    real = L.takes_gemv
+    monkeypatch.setattr(L, "takes_gemv", lambda dtype, rows: seen.append(real(dtype, rows)) or seen[-1])
+    for max_batch, expect in ((1, True), (2, False)):
+        seen.clear()
+        eng = Engine(bf16_llama, max_batch=max_batch, max_len=64)
+        eng.add_request([5, 17, 3], SamplingParams(method="plain", max_new_tokens=4, n=1, seed=3), request_id="a")
+        _drain(eng)
+        assert any(seen) == expect, (max_batch, seen)

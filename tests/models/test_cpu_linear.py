@@ -109,7 +109,8 @@ def test_bf16_packed_equals_f_linear_bit_for_bit(kn, rows, bias):
 @pytest.mark.parametrize("shape", [(1,), (1, 1)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_one_row_gemv_is_torch_gemv_within_the_stated_bound(kn, shape, bias):
-    """One bf16 row with cpu_kernels's kernel off runs torch's gemv (F.linear with oneDNN off), bit for bit; against the packed
+    """One bf16 row in a one-row engine (`one_row_engine`) with cpu_kernels' gemv off runs torch's
+    gemv (F.linear with oneDNN off), bit for bit; against the packed
     kernel it differs by at most one bf16 ulp (each result rounded once, <= half an ulp each) plus
     the fp32 summation-order difference (cpu_linear's docstring):
     |y - y_packed| <= 2**-7 max(|y|, |y_packed|) + 2 K 2**-24 sum_k |x_k w_k| (+ an ulp for the bias
@@ -119,20 +120,18 @@ def test_bf16_one_row_gemv_is_torch_gemv_within_the_stated_bound(kn, shape, bias
     w = (torch.randn(N, K, generator=g) * 0.05).bfloat16()
     b = torch.randn(N, generator=g).bfloat16() if bias else None
     x = torch.randn(*shape, K, generator=g).bfloat16()
-    assert L.takes_gemv(torch.bfloat16, 1) and not L.takes_gemv(torch.bfloat16, 2)
-    L.set_bf16_gemv(True, kernel=False)  # torch's gemv, not cpu_kernels's kernel (tests/models/test_cpu_kernels.py)
+    assert not L.takes_gemv(torch.bfloat16, 1)  # outside a one-row engine: the packed kernel
+    L.set_bf16_gemv(True, kernel=False)  # torch's gemv, not cpu_kernels' kernel (tests/models/test_cpu_kernels.py)
     try:
-        y = L.linear(x, w, b)
+        with L.one_row_engine():
+            assert L.takes_gemv(torch.bfloat16, 1) and not L.takes_gemv(torch.bfloat16, 2)
+            y = L.linear(x, w, b)
     finally:
         L.set_bf16_gemv(True, kernel=True)
     assert torch.backends.mkldnn.enabled
     with L.onednn_matmul_off():
         assert torch.equal(y, F.linear(x, w, b))
-    L.set_bf16_gemv(False)
-    try:
-        yp = L.linear(x, w, b).float()
-    finally:
-        L.set_bf16_gemv(True)
+    yp = L.linear(x, w, b).float()  # outside: the packed kernel
     mag = (x.float().abs().reshape(1, K) @ w.float().abs().t()).reshape(yp.shape)
     big = torch.maximum(y.float().abs(), yp.abs())
     bound = 2.0 ** -7 * big * (2 if bias else 1) + 2 * K * 2.0 ** -24 * mag
