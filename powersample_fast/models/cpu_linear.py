@@ -15,11 +15,14 @@ the weight on every call: on a Zen 4 EPYC with AVX512-BF16, 1 thread, loaded, th
 linears took 36.4 -> 21.7 ms at 1 row and 53.0 -> 31.9 ms at 8 rows packed, outputs bit-identical
 to `F.linear` (same oneDNN kernel, same accumulation order; tests/models/test_cpu_linear.py checks it).
 
-One bf16 row (a 1-row decode step) is the exception: oneDNN's packed kernel reads the weights at
-~13 GB/s there, torch's own bf16 gemv (what `F.linear` runs with oneDNN switched off: a dot product
-per output in fp32 with AVX512-BF16) faster, so a 1-row bf16 `linear` runs that (the 1-row step
-of the default model, eager, 1 thread: 31.0 -> 24.7 ms; at 8 rows the gemv is 3x slower, so only
-one row). Not bit-identical to the packed kernel: both accumulate the K products in fp32, in
+One bf16 row in an engine of one decode row (`one_row_engine`, entered by that engine's runner) is
+the exception: oneDNN's packed kernel reads the weights at ~13 GB/s there, a gemv faster (cpu_kernels'
+AVX512-BF16 kernel where it loads, else torch's own bf16 gemv: `F.linear` with oneDNN switched off),
+so such a `linear` runs that (the 1-row step of the default model, eager, 1 thread: 31.0 -> 24.7 ms
+with torch's gemv; at 8 rows the gemv is 3x slower, so only one row). Engines that batch do not:
+the packed kernel's per-row outputs do not depend on the number of rows, the gemv's differ from
+them in a few last bits on wide weights (the 49152-wide logits weight), so a request that ran alone
+for some steps would get other tokens than in a batch. Not bit-identical to the packed kernel: both accumulate the K products in fp32, in
 different orders, then round to bf16 once, so an output differs by at most one bf16 ulp (<= 2**-7 of
 its magnitude) plus the fp32 summation difference (<= 2 K 2**-24 sum_k |x_k w_k|); through the default model's 30 layers
 the logits moved by <= 0.5 (bf16 logits of magnitude ~20: ~2 bf16 ulps). oneDNN's switch is
