@@ -14,21 +14,44 @@ def apply_stop(text: str, stop: List[str]):
 
 
 class TextStream:
-    """Incremental detokenisation of one choice, with stop strings held back until they resolve."""
+    """Incremental detokenisation of one choice, with stop strings held back until they resolve.
+
+    Each push decodes only the tokens since the last complete character plus a few before them
+    (vLLM's prefix / read offsets, as engine/stop_strings.py), and looks for stop strings only where
+    the new characters could complete one, so a choice of n tokens costs O(n) work, not O(n^2)."""
+
+    CONTEXT = 5  # tokens decoded before the first unread one (merges, leading spaces)
 
     def __init__(self, tokenizer, stop: List[str]):
-        self.tok, self.stop, self.ids, self.sent, self.stopped = tokenizer, stop, [], "", False
+        self.tok, self.stop, self.sent, self.stopped = tokenizer, stop, "", False
+        self.ids: List[int] = []  # the tokens still needed for decoding (older ones are dropped)
+        self.prefix_offset = self.read_offset = 0
+        self.text = ""  # the choice's text so far (complete characters)
         self.chunks = 0  # deltas sent
         self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     def push(self, ids) -> str:
         if self.stopped:
             return ""
-        self.ids.extend(ids)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        text, self.stopped = apply_stop(text, self.stop)
+        self.ids.extend(int(t) for t in ids)
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        now = self._decode(self.ids[self.prefix_offset:])
+        if now.endswith("\ufffd") or len(now) <= len(before):  # an incomplete UTF-8 sequence, or no
+            return ""                                            # new character: wait for the next token
+        old = len(self.text)
+        self.text += now[len(before):]
+        self.prefix_offset = max(self.read_offset, len(self.ids) - self.CONTEXT)
+        self.read_offset = len(self.ids)
+        if self.prefix_offset > 64:  # forget tokens that will never be decoded again
+            del self.ids[:self.prefix_offset]
+            self.read_offset -= self.prefix_offset
+            self.prefix_offset = 0
+        start = max(0, old - self.hold)  # a stop string found now ends in the new characters
+        tail, self.stopped = apply_stop(self.text[start:], self.stop)
+        text = self.text[:start] + tail
         safe = text if self.stopped else text[:max(len(self.sent), len(text) - self.hold)]
         return self._emit(safe)
 
