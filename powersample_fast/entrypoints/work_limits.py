@@ -15,6 +15,7 @@ No torch: the CLI checks this before it imports anything heavy.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -43,13 +44,42 @@ def planned_tokens_per_chain(p) -> float:
     if p.method == "smc":
         return float(p.particles * T)
     if p.method == "sps":  # L*T candidate tokens; after block i (of K), K*M rollouts of min(H, T - i*B)
-        H, K = p.sps_horizon, -(-T // B)
-        c = min(max((T - H) // B, 0), K - 1)  # blocks i = 1..c leave >= H tokens: full rollouts
-        roll = c * H + (K - 1 - c) * T - B * ((K - 1) * K - c * (c + 1)) // 2
-        return float(p.sps_candidates * T + p.sps_top_k * p.sps_rollouts * roll)
+        return float(p.sps_candidates * T + p.sps_top_k * p.sps_rollouts * _sps_rollout_length(p))
     if p.method == "sps_token":
         return float(T * (1 + p.sps_top_k * p.sps_rollouts * min(p.sps_horizon, (T - 1) / 2)))
     return float(T)
+
+
+def _sps_rollout_length(p) -> int:
+    """Block SPS: the summed rollout length min(H, T - i*B) over the blocks i = 1..K-1 with a future."""
+    T, B, H = p.max_new_tokens, p.block_size, p.sps_horizon
+    K = -(-T // B)
+    c = min(max((T - H) // B, 0), K - 1)  # blocks i = 1..c leave >= H tokens: full rollouts
+    return c * H + (K - 1 - c) * T - B * ((K - 1) * K - c * (c + 1)) // 2
+
+
+def sequential_steps_per_chain(p) -> float:
+    """Decode steps one sample takes if no row stops at EOS, its `decode_rows` rows decoding together
+    in each step (the latency; planned tokens / steps is the rows a step averages): plain and smc T;
+    mh its planned tokens with one try (the 2k - 1 rows of a proposal step decode together); block
+    sps T + the rollouts' lengths; sps_token 1 + min(H, tokens left after it) per token."""
+    T = p.max_new_tokens
+    if p.method == "mh":
+        return planned_tokens_per_chain(dataclasses.replace(p, mh_tries=1))
+    if p.method == "sps":
+        return float(T + _sps_rollout_length(p))
+    if p.method == "sps_token":  # token t: 1 + min(H, T - 1 - t) steps
+        H = p.sps_horizon
+        return float(T + (T * (T - 1) // 2 if T <= H else H * (H - 1) // 2 + H * (T - H)))
+    return float(T)
+
+
+def step_rows(p, n_chains: int, max_batch: int) -> tuple:
+    """(decode rows of a step, samples decoded together) as PowerSampler.generate sizes its engine:
+    whole samples of `decode_rows` rows, at least one."""
+    n_rows = decode_rows(p)
+    rows = n_rows * max(1, min(max_batch, n_chains * n_rows) // n_rows)
+    return rows, rows // n_rows
 
 
 def _read_int(path: str, key: Optional[str] = None) -> Optional[int]:

@@ -82,6 +82,30 @@ def test_planned_tokens_closed_form_matches_the_policies():
         assert work_limits.decode_rows(p) == get_policy(m).rows(p)[0]
 
 
+@pytest.mark.parametrize("method,extra", [
+    ("plain", {}), ("mh", {"block_size": 8, "mcmc_steps": 2}), ("mh", {"block_size": 8, "mcmc_steps": 2, "mh_tries": 2}),
+    ("smc", {"particles": 4}), ("sps", {"block_size": 8, "sps_candidates": 6, "sps_top_k": 2, "sps_rollouts": 2,
+                                       "sps_horizon": 5}),
+    ("sps_token", {"sps_top_k": 2, "sps_rollouts": 2, "sps_horizon": 3})])
+def test_expected_decode_steps_and_rows_are_the_engines(tiny, method, extra):
+    """The start line's estimate (CLI `sample`): the decode steps and rows per step a run takes with EOS
+    off, as the engine counts them, for every method (smc's particles and sps's rows decode together:
+    they are not steps); mh's proposals cut at random, so its count is the mean (within 30%)."""
+    import powersample_fast as pf
+
+    p = SamplingParams(method=method, max_new_tokens=24, n=2, seed=1, **extra)
+    expect = cli_output.expected_decode_steps(p, 2, 8)
+    rows, together = work_limits.step_rows(p, 2, 8)
+    sampler = pf.PowerSampler(tiny[0], eos_token_ids=[])
+    sampler.generate([[1, 2, 3]], progress=False, max_batch=8, method=method, max_new_tokens=24, n=2, seed=1, **extra)
+    stats = sampler.last_stats
+    assert stats["batch_slots"] == rows and together == rows // work_limits.decode_rows(p)
+    if method == "mh":
+        assert abs(stats["decode_steps"] - expect) <= 0.3 * expect
+    else:
+        assert stats["decode_steps"] == expect
+
+
 def test_generate_bounds_n_and_mcmc_steps(model_dir, memory_8g):
     from powersample_fast import PowerSampler, load
 

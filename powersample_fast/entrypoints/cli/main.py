@@ -153,7 +153,9 @@ def _sample(args) -> int:
     sampler = PowerSampler(model, tok, cuda_graphs=args.cuda_graphs)
     max_batch = resolve_max_batch(args.max_batch, device)
     chains = len(args.prompt) * p.n
-    step_s = out.time_decode_step(model, min(max_batch, chains))
+    from ..work_limits import step_rows
+
+    step_s = out.time_decode_step(model, step_rows(p, chains, max_batch)[0])  # a step of the run's rows
     out.check_expected_time(p, chains, max_batch, step_s, args.allow_long)
     out.stderr_line(out.announce(out.model_label(args.model, model_dir), p, len(args.prompt), chat, device, dtype,
                                  torch.get_num_threads() if device.type == "cpu" else None, max_batch, step_s))

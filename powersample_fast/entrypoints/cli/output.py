@@ -12,17 +12,13 @@ from ...sampling_params import SamplingParams
 
 
 def expected_decode_steps(p: SamplingParams, n_chains: int, max_batch: int) -> int:
-    """Decode steps of a run if no chain stops at EOS: the method's planned tokens per chain (the
-    progress bar's plan: for mh, each stage's extension plus N proposals of mean length (L_k + 1) / 2),
-    with chains decoded max_batch at a time."""
-    from ..work_limits import planned_tokens_per_chain
+    """Decode steps of a run if no chain stops at EOS: each sample's sequential steps (its rows decode
+    together: smc's particles, sps's candidates and rollouts, mh's tries), samples decoded as many
+    at a time as max_batch rows hold (`work_limits.step_rows`)."""
+    from ..work_limits import sequential_steps_per_chain, step_rows
 
-    per_chain = planned_tokens_per_chain(p)
-    if p.method == "mh" and p.mh_tries > 1:  # the 2k - 1 rows of a proposal step decode in parallel
-        per_chain = planned_tokens_per_chain(replace(p, mh_tries=1))
-        max_batch = max(1, max_batch // (2 * p.mh_tries - 1))
-    rounds = -(-n_chains // max(1, min(max_batch, n_chains)))
-    return int(round(per_chain * rounds))
+    together = step_rows(p, n_chains, max_batch)[1]
+    return int(round(sequential_steps_per_chain(p) * -(-n_chains // together)))
 
 
 MAX_EXPECTED_HOURS = 24  # `sample` refuses a run expected to take longer, unless --allow-long
@@ -66,8 +62,11 @@ def _plural(n: int, word: str) -> str:
 def announce(model_name: str, p: SamplingParams, n_prompts: int, chat: bool, device, dtype, threads,
              max_batch: int, step_s: float) -> str:
     """One line: model, method, chains, budget, where it runs, and the expected time."""
+    from ..work_limits import step_rows
+
     chains = n_prompts * p.n
     steps = expected_decode_steps(p, chains, max_batch)
+    together = step_rows(p, chains, max_batch)[1]
     if p.method == "mh":
         mixing = (", entropy cuts" if p.index == "entropy" else "") + (f", {p.mh_tries} tries" if p.mh_tries > 1 else "")
         method = f"power sampling (Metropolis-Hastings, alpha {p.alpha:g}, tau {p.tau:.3g}{mixing})"
@@ -84,7 +83,7 @@ def announce(model_name: str, p: SamplingParams, n_prompts: int, chat: bool, dev
         method, budget = f"{p.method} sampling (temperature {p.tau:.3g})", "no MCMC"
     thr = f", {_plural(threads, 'thread')}" if threads else ""
     return (f"powersample-fast: {model_name}, {method}, {_plural(n_prompts, 'prompt')} x {p.n} = "
-            f"{_plural(chains, 'chain')} ({min(max_batch, chains)} at a time), up to {p.max_new_tokens} new tokens "
+            f"{_plural(chains, 'chain')} ({together} at a time), up to {p.max_new_tokens} new tokens "
             f"({budget}), chat template {'on' if chat else 'off'}, {device}/{str(dtype).replace('torch.', '')}{thr}; "
             f"expected ~{_fmt_s(steps * step_s)} ({steps} decode steps at {step_s * 1e3:.0f} ms; less when "
             "chains stop at EOS)")
