@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_cpu_step import cpu_name  # noqa: E402
 
-LINEAR = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::bmm", "powersample_fast::gemv_bf16")
+LINEAR = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::bmm", "powersample_fast::gemv_bf16", "aten::mv", "aten::addmv_")
 ATTN = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 KV = ("aten::_index_put_impl_", "aten::index_put_", "aten::index_copy_")
 WRAPPERS = {"decode", "sample", "fork", "prefill"}  # record_function scopes: their self time is Python

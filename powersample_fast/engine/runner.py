@@ -39,7 +39,7 @@ class ModelRunner:
         # an engine of one decode row may take the one-row bf16 gemv (cpu_linear.one_row_engine);
         # one that batches runs one kernel for every row count, so no output depends on the batch
         self._one_row = cpu_linear.one_row_engine if kv.n_decode == 1 else contextlib.nullcontext
-        if self.device.type == "cpu" and model.dtype == torch.bfloat16:
+        if self.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float32):
             cpu_kernels.kernels_ready()  # built (the first time on a machine) now, not mid-step
         self.last_logits = None  # [B, V] of the last decode step (valid until the next one)
         self.last_rows = 0       # B of the last decode step: the rows it computed

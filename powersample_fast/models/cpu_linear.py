@@ -95,7 +95,7 @@ def set_bf16_gemv(enabled: bool, kernel: Optional[bool] = None) -> None:
 
 def gemv_kernel_used(dtype, rows: int) -> bool:
     """Whether `linear` on `rows` rows of `dtype` runs cpu_kernels' gemv (building it on first ask)."""
-    return _GEMV_KERNEL and takes_gemv(dtype, rows) and cpu_kernels.kernels_ready()
+    return _GEMV_KERNEL and takes_gemv(dtype, rows) and cpu_kernels.has_dtype(dtype)
 
 
 _ONE_ROW = threading.local()  # .on: inside `one_row_engine` (this thread)
@@ -117,9 +117,12 @@ def one_row_engine():
 
 
 def takes_gemv(dtype, rows: int) -> bool:
-    """Whether `linear` on `rows` rows of `dtype` runs the one-row bf16 gemv (inside `one_row_engine`)."""
-    return (_BF16_GEMV and rows == 1 and getattr(_ONE_ROW, "on", False) and dtype == torch.bfloat16
-            and dtype in _DTYPES)
+    """Whether `linear` on `rows` rows of `dtype` runs a one-row gemv (inside `one_row_engine`): bf16
+    where it is packed (cpu_kernels' gemv, else torch's), fp32 where it is packed (torch's F.linear:
+    MKL's sgemv, ~23 GB/s against ~15-17 GB/s for the packed kernel at one row)."""
+    if not (_BF16_GEMV and rows == 1 and getattr(_ONE_ROW, "on", False)):
+        return False
+    return dtype in (torch.bfloat16, torch.float32) and dtype in _DTYPES
 
 
 def linear_mode() -> tuple:
@@ -189,26 +192,29 @@ def traced_gemv() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias); fp32 (and bf16 where native) on CPU through oneDNN with a packed
-    weight (see the module docstring)."""
+    weight, one row of a one-row engine through a gemv (see the module docstring)."""
     global _TRACE_GEMV
-    if x.dtype in _DTYPES and weight.dtype == x.dtype and x.device.type == "cpu":
-        if takes_gemv(x.dtype, x.numel() // max(x.shape[-1], 1)) and x.numel():  # one bf16 row
+    if x.device.type == "cpu" and weight.dtype == x.dtype:
+        if x.numel() and takes_gemv(x.dtype, x.numel() // max(x.shape[-1], 1)):  # one row of a one-row engine
+            if x.dtype == torch.float32:  # MKL's sgemv
+                return F.linear(x, weight, bias)
             if (_GEMV_KERNEL and weight.is_contiguous() and (bias is None or bias.dtype == x.dtype)
-                    and cpu_kernels.kernels_ready()):
-                return cpu_kernels.gemv_bf16(x, weight, bias)  # an op of its own: traced as itself
-            if _TRACE_PACKED is not None:  # traced as aten::linear; replayed with oneDNN off
+                    and cpu_kernels.has_dtype(x.dtype)):
+                return cpu_kernels.gemv(x, weight, bias)  # an op of its own: traced as itself
+            if _TRACE_PACKED is not None:  # torch's bf16 gemv: traced as aten::linear, replayed with oneDNN off
                 _TRACE_GEMV = True
                 return F.linear(x, weight, bias)
             with onednn_matmul_off():
                 return F.linear(x, weight, bias)
-        if _TRACE_PACKED is not None:  # being traced: the same op, on the packed input
-            packed = _TRACE_PACKED.get(id(weight))
-            if packed is None:
-                return F.linear(x, weight, bias)
-            y = _SCRIPTED(x.reshape(-1, x.shape[-1]), packed, bias)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        packed = _packed_weight(weight)
-        if packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-            return y.view(*x.shape[:-1], y.shape[-1])
+        if x.dtype in _DTYPES:
+            if _TRACE_PACKED is not None:  # being traced: the same op, on the packed input
+                packed = _TRACE_PACKED.get(id(weight))
+                if packed is None:
+                    return F.linear(x, weight, bias)
+                y = _SCRIPTED(x.reshape(-1, x.shape[-1]), packed, bias)
+                return y.view(*x.shape[:-1], y.shape[-1])
+            packed = _packed_weight(weight)
+            if packed is not None:
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+                return y.view(*x.shape[:-1], y.shape[-1])
     return F.linear(x, weight, bias)

@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if self.weight.dtype == x.dtype and cpu_kernels.fused_ops_on(x):  # one op (cpu_kernels)
-            return cpu_kernels.rms_norm_bf16(x, self.weight, self.eps)
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # norm in fp32, cast back (as HF)
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)  # [B, T, (H + 2 H_kv) * D]
         # RoPE on q and k together (one set of element-wise ops per layer instead of two)
         if cpu_kernels.fused_ops_on(qkv) and cos.dtype == qkv.dtype:  # one op, bit for bit (cpu_kernels)
-            qk = cpu_kernels.rope_bf16(qkv, cos, sin, H + Hk, hd, cfg.rotary_dim)
+            qk = cpu_kernels.rope(qkv, cos, sin, H + Hk, hd, cfg.rotary_dim)
         else:
             qk = apply_rope(qkv[..., :(H + Hk) * hd].view(B, T, H + Hk, hd).transpose(1, 2), cos, sin, cfg.rotary_dim)
         q, k = qk.split([H, Hk], dim=1)  # [B, H, T, D], [B, H_kv, T, D]
@@ -102,7 +102,7 @@ class Attention(nn.Module):
             G = cfg.n_heads // cfg.n_kv_heads
             qg = q.reshape(B, cfg.n_kv_heads, G * T, hd)  # [B, H_kv, G*T, D]
             if T == 1 and hd % 16 == 0 and hd <= 256 and mask is not None and cpu_kernels.fused_ops_on(qg):
-                o = cpu_kernels.attn_decode_bf16(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)  # cpu_kernels
+                o = cpu_kernels.attn_decode(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)  # cpu_kernels
             else:
                 o = F.scaled_dot_product_attention(qg, kc[:, :, :kv_len], vc[:, :, :kv_len], attn_mask=mask)
             # reshape, not view: CUDA's memory-efficient kernel returns a transposed layout
@@ -137,6 +137,6 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, kv, write, mask)
         gu = self.w13(self.ffn_norm(h))  # [gate; up]
         if isinstance(self.act, nn.SiLU) and cpu_kernels.fused_ops_on(gu):  # one op (cpu_kernels)
-            return h + self.w2(cpu_kernels.silu_mul_bf16(gu))
+            return h + self.w2(cpu_kernels.silu_mul(gu))
         g, u = gu.chunk(2, dim=-1)
         return h + self.w2(self.act(g) * u)

@@ -1,8 +1,11 @@
-"""The one-row bf16 kernel (models/csrc/gemv_bf16.cpp via models/cpu_kernels.py): against torch's
-gemv within the summation-order bound, used by `cpu_linear.linear` for one bf16 row, and off with a
-one-line note (torch's gemv instead) where it cannot be built."""
+"""The CPU kernels (models/csrc/, built by models/cpu_kernels.py): the one-row gemv against torch's
+within the summation-order bound, used by `cpu_linear.linear` for one row of a one-row engine; the
+fused RMSNorm / RoPE / SiLU-mul / decode attention against torch's ops, in bf16 and fp32, each with a
+wrong variant the same check rejects; bf16 batch invariance; built once into the cache, and off with
+one line (torch's ops instead) where they cannot be built."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,7 +19,7 @@ from powersample_fast.models import cpu_kernels
 from powersample_fast.models import cpu_linear as L
 
 needs_kernel = pytest.mark.skipif(
-    not (L.onednn_bf16_supported() and cpu_kernels.cpu_has_avx512_bf16() and cpu_kernels.kernels_ready()),
+    not (L.onednn_bf16_supported() and cpu_kernels.has_dtype(torch.bfloat16)),
     reason=f"the one-row bf16 kernel is off here ({cpu_kernels.kernels_off_reason() or 'no native bf16'})")
 
 
@@ -39,7 +42,7 @@ def test_kernel_is_torch_gemv_within_the_summation_order_bound(kn, shape, bias):
     w = (torch.randn(N, K, generator=g) * 0.05).bfloat16()
     b = torch.randn(N, generator=g).bfloat16() if bias else None
     x = torch.randn(*shape, K, generator=g).bfloat16()
-    y = cpu_kernels.gemv_bf16(x, w, b)
+    y = cpu_kernels.gemv(x, w, b)
     with L.onednn_matmul_off():
         yt = F.linear(x, w, b)
     assert y.shape == yt.shape and y.dtype == torch.bfloat16
@@ -56,7 +59,7 @@ def test_wrong_kernel_is_caught_by_the_bound():
     g = torch.Generator().manual_seed(6)
     w = (torch.randn(N, K, generator=g) * 0.05).bfloat16()
     x = torch.randn(1, K, generator=g).bfloat16()
-    wrong = cpu_kernels.gemv_bf16(x[:, :32].contiguous(), w[:, :32].contiguous())
+    wrong = cpu_kernels.gemv(x[:, :32].contiguous(), w[:, :32].contiguous())
     with L.onednn_matmul_off():
         yt = F.linear(x, w)
     assert not ((wrong.float() - yt.float()).abs() <= order_bound(wrong, yt, x, w, False)).all()
@@ -72,7 +75,7 @@ def test_one_bf16_row_runs_the_kernel_only_in_a_one_row_engine():
     assert torch.equal(L.linear(x[:1], w, b), F.linear(x[:1], w, b))
     with L.one_row_engine():
         assert L.gemv_kernel_used(torch.bfloat16, 1) and not L.gemv_kernel_used(torch.bfloat16, 2)
-        assert torch.equal(L.linear(x[:1], w, b), cpu_kernels.gemv_bf16(x[:1], w, b))
+        assert torch.equal(L.linear(x[:1], w, b), cpu_kernels.gemv(x[:1], w, b))
         assert torch.equal(L.linear(x, w, b), F.linear(x, w, b))  # packed kernel, bit-identical to F.linear
         L.set_bf16_gemv(True, kernel=False)
         try:
@@ -86,11 +89,13 @@ def test_one_bf16_row_runs_the_kernel_only_in_a_one_row_engine():
 def test_bad_arguments_are_named():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="one row of 8"):
-        cpu_kernels.gemv_bf16(torch.zeros(2, 8, dtype=torch.bfloat16), w)
+        cpu_kernels.gemv(torch.zeros(2, 8, dtype=torch.bfloat16), w)
     with pytest.raises(RuntimeError, match="bf16 only"):
-        cpu_kernels.gemv_bf16(torch.zeros(1, 8), w.float())
+        torch.ops.powersample_fast.gemv_bf16(torch.zeros(1, 8), w.float(), None)
+    with pytest.raises(RuntimeError, match="fp32 CPU tensors only"):
+        torch.ops.powersample_fast.rms_norm_f32(torch.zeros(1, 8, dtype=torch.bfloat16), w[0], 1e-5)
     with pytest.raises(RuntimeError, match="contiguous"):
-        cpu_kernels.gemv_bf16(torch.zeros(1, 4, dtype=torch.bfloat16), w.t())
+        cpu_kernels.gemv(torch.zeros(1, 4, dtype=torch.bfloat16), w.t())
 
 
 def _fresh_process(tmp_path, **env):
@@ -109,26 +114,24 @@ def _fresh_process(tmp_path, **env):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (L.onednn_bf16_supported() and cpu_kernels.cpu_has_avx512_bf16()),
-                    reason="the kernel is only tried on CPUs with AVX512-BF16")
+@pytest.mark.skipif(not cpu_kernels.cpu_dtypes(), reason="the kernels are only tried on CPUs with AVX512-BF16 or AVX2+FMA")
 @pytest.mark.parametrize("cxx", ["no-such-compiler-xyz", "false"])
 def test_a_kernel_that_cannot_be_built_leaves_torchs_gemv_with_one_line(tmp_path, cxx):
     done = _fresh_process(tmp_path, CXX=cxx)
     assert done.returncode == 0, done.stderr
     assert "READY False" in done.stdout and "SAME True" in done.stdout
-    notes = [ln for ln in done.stderr.splitlines() if "bf16 CPU kernels off" in ln]
+    notes = [ln for ln in done.stderr.splitlines() if "CPU kernels off" in ln]
     assert len(notes) == 1 and ("no C++ compiler" in notes[0] if cxx.startswith("no-") else "failed" in notes[0])
     assert "Traceback" not in done.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (L.onednn_bf16_supported() and cpu_kernels.cpu_has_avx512_bf16()),
-                    reason="the kernel is only built on CPUs with AVX512-BF16")
+@pytest.mark.skipif(not cpu_kernels.cpu_dtypes(), reason="the kernels are only built on CPUs with AVX512-BF16 or AVX2+FMA")
 def test_kernel_is_built_once_into_the_cache_and_env_turns_it_off(tmp_path):
     if not cpu_kernels.kernels_ready():
-        pytest.skip(f"the kernel does not build here ({cpu_kernels.kernels_off_reason()})")
+        pytest.skip(f"the kernels do not build here ({cpu_kernels.kernels_off_reason()})")
     first = _fresh_process(tmp_path)
-    assert "READY True" in first.stdout and first.stderr.count("building the bf16 CPU kernels") == 1, first.stderr
+    assert "READY True" in first.stdout and first.stderr.count("building the CPU kernels") == 1, first.stderr
     assert list((tmp_path / "home" / "ext").glob("*/powersample_cpu.so"))
     again = _fresh_process(tmp_path)
     assert "READY True" in again.stdout and "building" not in again.stderr
@@ -149,9 +152,9 @@ def test_fused_rope_is_apply_rope_bit_for_bit(B, T, H, Hk, D, R):
     cos = torch.randn(B, 1, T, R, generator=g).bfloat16()
     sin = torch.randn(B, 1, T, R, generator=g).bfloat16()
     expect = apply_rope(qkv[..., :(H + Hk) * D].view(B, T, H + Hk, D).transpose(1, 2), cos, sin, R)
-    got = cpu_kernels.rope_bf16(qkv, cos, sin, H + Hk, D, R)
+    got = cpu_kernels.rope(qkv, cos, sin, H + Hk, D, R)
     assert got.shape == (B, H + Hk, T, D) and torch.equal(got, expect)
-    assert not torch.equal(cpu_kernels.rope_bf16(qkv, cos, -sin, H + Hk, D, R), expect)  # a sign slip shows
+    assert not torch.equal(cpu_kernels.rope(qkv, cos, -sin, H + Hk, D, R), expect)  # a sign slip shows
 
 
 def _one_rounding_bound(ref):
@@ -168,11 +171,11 @@ def test_fused_silu_mul_and_rms_norm_are_torchs_within_one_rounding():
     gu = (torch.randn(4, 1, 2 * 1536, generator=g) * 4).bfloat16()
     gate, up = gu.chunk(2, dim=-1)
     expect = F.silu(gate) * up
-    got = cpu_kernels.silu_mul_bf16(gu)
+    got = cpu_kernels.silu_mul(gu)
     assert got.shape == expect.shape
     assert ((got.float() - expect.float()).abs() <= 2 * _one_rounding_bound(expect)).all()
     assert (got == expect).float().mean() > 0.99  # nearly always the same bits
-    wrong = cpu_kernels.silu_mul_bf16(torch.cat((up, gate), dim=-1))  # halves swapped: caught
+    wrong = cpu_kernels.silu_mul(torch.cat((up, gate), dim=-1))  # halves swapped: caught
     assert not ((wrong.float() - expect.float()).abs() <= 2 * _one_rounding_bound(expect)).all()
 
     norm = RMSNorm(576, 1e-5).bfloat16()
@@ -186,7 +189,7 @@ def test_fused_silu_mul_and_rms_norm_are_torchs_within_one_rounding():
     got = norm(x)
     assert ((got.float() - expect.float()).abs() <= 2 * _one_rounding_bound(expect)).all()
     assert (got == expect).float().mean() > 0.99
-    wrong = cpu_kernels.rms_norm_bf16(x, norm.weight, 1.0)  # eps 1 instead of 1e-5: caught
+    wrong = cpu_kernels.rms_norm(x, norm.weight, 1.0)  # eps 1 instead of 1e-5: caught
     assert not ((wrong.float() - expect.float()).abs() <= 2 * _one_rounding_bound(expect)).all()
 
 
@@ -203,12 +206,12 @@ def test_fused_decode_attention_is_the_exact_value_rounded_once(B, Hk, M, D, L):
     visible[..., 0] = True
     mask = torch.zeros(B, 1, M, L).bfloat16().masked_fill_(~visible, float("-inf"))
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
-    got = cpu_kernels.attn_decode_bf16(q, k, v, mask)
+    got = cpu_kernels.attn_decode(q, k, v, mask)
     assert got.shape == (B, Hk, M, D)
     assert ((got.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-6).all()
     torch_sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert ((got.float() - torch_sdpa.float()).abs() <= 4 * _one_rounding_bound(torch_sdpa) + 2e-3).all()
-    unmasked = cpu_kernels.attn_decode_bf16(q, k, v, torch.zeros_like(mask))  # the mask ignored: caught
+    unmasked = cpu_kernels.attn_decode(q, k, v, torch.zeros_like(mask))  # the mask ignored: caught
     assert not ((unmasked.double() - exact).abs() <= 2.0 ** -8 * exact.abs() + 1e-6).all()
 
 
@@ -308,3 +311,79 @@ def test_a_one_row_engine_takes_the_one_row_gemv(bf16_llama, monkeypatch):
         eng.add_request([5, 17, 3], SamplingParams(method="plain", max_new_tokens=4, n=1, seed=3), request_id="a")
         _drain(eng)
         assert any(seen) == expect, (max_batch, seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 kernels (csrc/fused_f32.cpp: AVX2 + FMA), the default dtype of CPUs without native bf16
+# ---------------------------------------------------------------------------------------------
+needs_f32 = pytest.mark.skipif(not cpu_kernels.has_dtype(torch.float32),
+                               reason=f"the fp32 CPU kernels are off here ({cpu_kernels.kernels_off_reason() or 'no AVX2/FMA'})")
+
+
+@needs_f32
+@pytest.mark.parametrize("B,T,H,Hk,D,R", [(1, 1, 9, 3, 64, 64), (2, 3, 4, 2, 16, 8)])
+def test_fp32_rope_is_apply_rope_bit_for_bit(B, T, H, Hk, D, R):
+    from powersample_fast.models.layers import apply_rope
+
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, T, (H + 2 * Hk) * D + 3, generator=g)[..., :-3]
+    cos, sin = torch.randn(B, 1, T, R, generator=g), torch.randn(B, 1, T, R, generator=g)
+    expect = apply_rope(qkv[..., :(H + Hk) * D].view(B, T, H + Hk, D).transpose(1, 2), cos, sin, R)
+    assert torch.equal(cpu_kernels.rope(qkv, cos, sin, H + Hk, D, R), expect)  # no FMA contraction: exact
+
+
+@needs_f32
+def test_fp32_ops_are_the_exact_values_within_fp32_rounding():
+    """Against fp64 computations of the same formulas: within a few fp32 ulps, as torch's own fp32
+    ops; each with a wrong variant the bound rejects."""
+    from powersample_fast.models.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(12)
+    gu = torch.randn(3, 1, 2 * 1536, generator=g) * 4
+    gate, up = gu.double().chunk(2, dim=-1)
+    exact = gate / (1 + torch.exp(-gate)) * up
+    assert ((cpu_kernels.silu_mul(gu).double() - exact).abs() <= 2.0 ** -20 * exact.abs() + 1e-30).all()
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=g)
+    xs = torch.randn(4, 1, 576, generator=g) * 3
+    exact = norm.weight.double() * xs.double() / torch.sqrt(xs.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert ((norm(xs).double() - exact).abs() <= 2.0 ** -20 * exact.abs() + 1e-30).all()
+    assert not ((cpu_kernels.rms_norm(xs, norm.weight, 1.0).double() - exact).abs() <= 2.0 ** -20 * exact.abs()).all()
+    q, kv = torch.randn(2, 3, 3, 64, generator=g), torch.randn(2, 3, 3, 50, 64, generator=g)
+    k, v = kv[0, 1:, :, :41], kv[1, 1:, :, :41]
+    visible = torch.rand(2, 1, 3, 41, generator=g) < 0.7
+    visible[..., 0] = True
+    mask = torch.zeros(2, 1, 3, 41).masked_fill_(~visible, float("-inf"))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    assert ((cpu_kernels.attn_decode(q, k, v, mask).double() - exact).abs() <= 1e-5).all()
+    unmasked = cpu_kernels.attn_decode(q, k, v, torch.zeros_like(mask))
+    assert not ((unmasked.double() - exact).abs() <= 1e-5).all()
+
+
+@needs_f32
+def test_fp32_model_logits_with_the_kernels_are_torchs_within_fp32_rounding(tmp_path):
+    """A random Llama decoding in fp32, with the fused ops and in a one-row engine (MKL's sgemv for
+    its linears): logits within 1e-5 of torch's ops and the packed kernel (fp32 rounding through 2
+    layers)."""
+    import powersample_fast as pf
+    from helpers.tiny_models import random_llama
+    from powersample_fast.engine.kv_cache import KVCache
+
+    random_llama(seed=3, weight_std=0.1, vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).save_pretrained(tmp_path / "m")
+    model = pf.load(tmp_path / "m", device="cpu", dtype="float32")[0]
+
+    def decode(fused):
+        cpu_kernels.set_fused_ops(fused)
+        try:
+            cache = KVCache(model.config, 1, 32, dtype=model.dtype)
+            out = [model.forward_cached(torch.tensor([[5, 17, 3, 60, 8]]), cache, last_only=True)[:, -1]]
+            for t in [3, 9, 27, 81, 1, 2, 4, 8]:
+                with (L.one_row_engine() if fused else contextlib.nullcontext()):
+                    out.append(model.forward_cached(torch.tensor([[t]]), cache)[:, -1])
+            return torch.cat(out)
+        finally:
+            cpu_kernels.set_fused_ops(True)
+
+    ours, torchs = decode(True), decode(False)
+    assert (ours - torchs).abs().max() <= 1e-5 * torchs.abs().max()

@@ -214,13 +214,6 @@ at::Tensor attn_decode_bf16(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(powersample_fast, m) {
-  m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("silu_mul_bf16(Tensor gu) -> Tensor");
-  m.def("attn_decode_bf16(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
-  m.def("rope_bf16(Tensor qkv, Tensor cos, Tensor sin, int n_heads, int head_dim, int rotary_dim) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(powersample_fast, CPU, m) {
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("silu_mul_bf16", &silu_mul_bf16);

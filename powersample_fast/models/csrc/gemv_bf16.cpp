@@ -97,10 +97,6 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::option
 
 }  // namespace
 
-TORCH_LIBRARY(powersample_fast, m) {
-  m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(powersample_fast, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
 }
