@@ -59,10 +59,6 @@ def _capabilities() -> dict:
         return {}
 
 
-def cpu_has_avx512_bf16() -> bool:
-    return bool(_capabilities().get("avx512_bf16"))
-
-
 def cpu_dtypes() -> tuple:
     """The dtypes this CPU can run kernels for: bf16 with AVX512-BF16, fp32 with AVX2 + FMA."""
     caps = _capabilities()
