@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
@@ -84,8 +85,7 @@ def _build(cxx: str, sources, target: Path) -> None:
     torch_dir = Path(torch.__file__).resolve().parent
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp")
-    tmp.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))  # our own, whoever else builds
     print(f"powersample-fast: building the CPU kernels once (~15 s; cached in {target.parent})",
           file=sys.stderr, flush=True)
     try:
@@ -127,7 +127,12 @@ def _load() -> tuple:
         target = _library_path(cxx, sources)
         if not target.is_file():
             _build(cxx, sources, target)
-        torch.ops.load_library(str(target))
+        try:
+            torch.ops.load_library(str(target))
+        except OSError:  # a cached file that does not load (cut short, damaged): built again, once
+            target.unlink(missing_ok=True)
+            _build(cxx, sources, target)
+            torch.ops.load_library(str(target))
         torch.ops.powersample_fast.rms_norm_f32  # noqa: B018 - raises if the library registered nothing
     except Exception as e:  # noqa: BLE001 - any failure: torch's ops instead
         return f"{type(e).__name__}: {e}", ()

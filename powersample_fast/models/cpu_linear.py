@@ -190,6 +190,22 @@ def traced_gemv() -> bool:
     return _TRACE_GEMV
 
 
+ROW_CHUNK = 32  # bf16 decode rows per packed call: up to this many, a row's bits do not depend on the count
+
+
+def _in_row_chunks(x: torch.Tensor, op) -> torch.Tensor:
+    """op over x's rows [M, K]: in one call, or, for more than ROW_CHUNK bf16 decode rows (x [B, 1, K]:
+    one position per row), in calls of ROW_CHUNK. oneDNN's packed bf16 kernel gives a row the same
+    bits for any row count up to 32 but others from 33 rows on, on wide weights (the 49152-wide logits
+    weight; measured on an AMX Xeon), which would make a request's tokens depend on how many rows its
+    batch had; fp32 was the same at every count. A prefill ([1, T, K]: one sequence) runs alone on its
+    row whatever the batch, so it stays one call."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x.dtype != torch.bfloat16 or rows.shape[0] <= ROW_CHUNK or x.dim() < 3 or x.shape[-2] != 1:
+        return op(rows)
+    return torch.cat([op(rows[i:i + ROW_CHUNK]) for i in range(0, rows.shape[0], ROW_CHUNK)])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias); fp32 (and bf16 where native) on CPU through oneDNN with a packed
     weight, one row of a one-row engine through a gemv (see the module docstring)."""
@@ -211,10 +227,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                 packed = _TRACE_PACKED.get(id(weight))
                 if packed is None:
                     return F.linear(x, weight, bias)
-                y = _SCRIPTED(x.reshape(-1, x.shape[-1]), packed, bias)
+                y = _in_row_chunks(x, lambda rows: _SCRIPTED(rows, packed, bias))
                 return y.view(*x.shape[:-1], y.shape[-1])
             packed = _packed_weight(weight)
             if packed is not None:
-                y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+                y = _in_row_chunks(x, lambda rows: torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], ""))
                 return y.view(*x.shape[:-1], y.shape[-1])
     return F.linear(x, weight, bias)

@@ -135,6 +135,11 @@ def test_kernel_is_built_once_into_the_cache_and_env_turns_it_off(tmp_path):
     assert list((tmp_path / "home" / "ext").glob("*/powersample_cpu.so"))
     again = _fresh_process(tmp_path)
     assert "READY True" in again.stdout and "building" not in again.stderr
+    lib = next((tmp_path / "home" / "ext").glob("*/powersample_cpu.so"))
+    lib.write_bytes(b"not a library")  # a damaged cache entry: built again, once
+    mended = _fresh_process(tmp_path)
+    assert "READY True" in mended.stdout and mended.stderr.count("building the CPU kernels") == 1, mended.stderr
+    assert not list(lib.parent.glob("build-*"))  # no build folder left behind
     off = _fresh_process(tmp_path, **{cpu_kernels.KERNEL_ENV: "0"})
     assert "READY False" in off.stdout and "SAME True" in off.stdout and off.stderr.strip() == ""
 

@@ -172,3 +172,18 @@ def test_rope_is_hf_rotate_half_bit_for_bit(rotary_dim, dtype):
     expect = torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
     s1, s2 = sin.chunk(2, dim=-1)
     assert torch.equal(M.apply_rope(x, cos, torch.cat((-s1, s2), dim=-1), rotary_dim), expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+def test_a_decode_rows_bits_do_not_depend_on_the_row_count(dtype):
+    """Batch invariance at the linear layer: a decode row (x [B, 1, K]) gets the same bits whatever B,
+    on the default model's widest weight (49152 x 576), where oneDNN's packed bf16 kernel changes a
+    row's bits from 33 rows on (calls are cut into 32-row chunks, `ROW_CHUNK`)."""
+    g = torch.Generator().manual_seed(13)
+    w = (torch.randn(49152, 576, generator=g) * 0.05).to(dtype)
+    x = torch.randn(64, 1, 576, generator=g).to(dtype)
+    alone = torch.cat([L.linear(x[i:i + 1], w) for i in (0, 31, 40, 63)])
+    for B in (2, 17, 32, 33, 40, 64):
+        y = L.linear(x[:B], w)
+        got = torch.cat([y[i:i + 1] for i in (0, 31, 40, 63) if i < B])
+        assert torch.equal(got, alone[:len(got)]), B

@@ -36,13 +36,17 @@ def check_expected_time(p: SamplingParams, n_chains: int, max_batch: int, step_s
 
 
 def time_decode_step(model, rows: int) -> float:
-    """Seconds of one forward of `rows` single-token rows (~ one decode step), after one warm-up."""
+    """Seconds of one forward of `rows` single-token rows (~ one decode step), after one warm-up; one
+    row as a one-row engine runs it (its gemv, cpu_linear.one_row_engine)."""
+    import contextlib
+
     import torch
 
     from ...device import synchronize
+    from ...models import cpu_linear
 
     ids = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), (cpu_linear.one_row_engine() if rows == 1 else contextlib.nullcontext()):
         model(ids)
         synchronize(model.device)
         t = time.perf_counter()

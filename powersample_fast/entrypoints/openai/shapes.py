@@ -18,7 +18,8 @@ class TextStream:
 
     Each push decodes only the tokens since the last complete character plus a few before them
     (vLLM's prefix / read offsets, as engine/stop_strings.py), and looks for stop strings only where
-    the new characters could complete one, so a choice of n tokens costs O(n) work, not O(n^2)."""
+    the new characters could complete one, so a choice of n tokens costs O(n) tokenizer work, not
+    O(n^2) (the text itself is still copied per push: cheap next to decoding)."""
 
     CONTEXT = 5  # tokens decoded before the first unread one (merges, leading spaces)
 

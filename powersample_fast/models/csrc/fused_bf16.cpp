@@ -10,8 +10,9 @@
 //   rms_norm_bf16: w * bf16(x * rsqrt(mean(x^2) + eps)) in fp32: the sum of squares is added in
 //                  another order than torch's reduction (a few fp32 ulps in the scale);
 //   attn_decode_bf16: SDPA with an additive mask for a few query rows per kv head (a decode step):
-//                  scores, softmax and the weighted sum of V in fp32, one rounding to bf16 at the end,
-//                  as SDPA's CPU kernels; only the fp32 rounding order differs.
+//                  scores, softmax and the weighted sum of V in fp32, one rounding to bf16 at the end:
+//                  the exact value rounded once, where torch's SDPA CPU kernel also rounds its
+//                  probabilities to bf16 before the weighted sum (so the two differ by a few ulps).
 // Registered as torch ops (torch.ops.powersample_fast.*), so a traced step records them.
 #include <immintrin.h>
 
