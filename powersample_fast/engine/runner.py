@@ -36,7 +36,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, kv.cache, kv.n_decode, use_graphs=self.device.type == "cuda")
         elif self.device.type == "cpu" and cpu_trace_enabled():
             self.traced = TracedDecode(model, kv.cache)  # CPU: steps replayed from traces (cpu_step.py)
-        # an engine of one decode row may take the one-row bf16 gemv (cpu_linear.one_row_engine);
+        # an engine of one decode row may take the one-row gemv (cpu_linear.one_row_engine);
         # one that batches runs one kernel for every row count, so no output depends on the batch
         self._one_row = cpu_linear.one_row_engine if kv.n_decode == 1 else contextlib.nullcontext
         if self.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float32):

@@ -99,7 +99,7 @@ def load(path_or_name: Union[str, os.PathLike] = "default", device=None, dtype=N
     device: default CUDA if available else CPU; dtype: default `device.default_dtype` (bfloat16 on CUDA and on
     CPUs with native bf16 matrix instructions, float32 elsewhere).
     The tokenizer is None for a directory without tokenizer files (prompts then as token ids)."""
-    dev = resolve_device(device)  # the kernels' first build (bf16 on CPU) overlaps the default model's
+    dev = resolve_device(device)  # the CPU kernels' first build overlaps the default model's
     cpu_kernels.prepare_in_background(dev, resolve_dtype(dtype) if dtype is not None else default_dtype(dev))
     path = resolve_model_dir(path_or_name)
     model = load_model(path, device=device, dtype=dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Optional
 
 from ...sampling_params import SamplingParams
